@@ -1,0 +1,258 @@
+//! The per-request decision: which rule applies and which variant the request gets.
+//!
+//! Values are compared as bytes, so a header that is not valid UTF-8 cannot match a
+//! string test and never needs decoding. Nothing here allocates on the common paths
+//! except query-parameter decoding, which only happens for query conditions.
+
+use crate::bucket::{flagd_hash, fnv_position, HashKind};
+use crate::policy::{Action, Condition, MissingKey, Policy, Split, SplitKey, Subject, Test};
+
+/// The request as the policy sees it: the values of [`Policy::inputs`], by index.
+pub trait RequestInputs {
+    /// Value of input `index` (a lower-case header name from [`Policy::inputs`]), if present.
+    fn input(&self, index: usize) -> Option<&[u8]>;
+}
+
+impl<T: AsRef<[u8]>> RequestInputs for [Option<T>] {
+    fn input(&self, index: usize) -> Option<&[u8]> {
+        self.get(index).and_then(|v| v.as_ref().map(AsRef::as_ref))
+    }
+}
+
+impl<T: AsRef<[u8]>> RequestInputs for Vec<Option<T>> {
+    fn input(&self, index: usize) -> Option<&[u8]> {
+        self.as_slice().input(index)
+    }
+}
+
+/// What the policy decided for one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Index into [`Policy::variants`].
+    pub variant: usize,
+    /// Index of the rule that decided, or `None` when the fallback applied.
+    pub rule: Option<usize>,
+    /// How a split rule placed the request, when one decided.
+    pub placement: Option<Placement>,
+}
+
+/// How a split placed a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placement {
+    /// By the request's key: the same key always lands in the same variant.
+    Sticky,
+    /// By a random draw, as the split asks (`by: "random"`).
+    Random,
+    /// By a random draw because the key was missing (`missing: "random"`).
+    KeyMissingRandom,
+    /// To the fallback variant because the key was missing (`missing: "fallback"`).
+    KeyMissingFallback,
+}
+
+impl Placement {
+    /// True when the split wanted a key and the request had none.
+    pub fn key_missing(self) -> bool {
+        matches!(
+            self,
+            Placement::KeyMissingRandom | Placement::KeyMissingFallback
+        )
+    }
+}
+
+impl Policy {
+    /// Decides where a request goes. `random` is called at most once, only when a
+    /// random draw is needed, and must return a uniformly distributed `u64`.
+    pub fn decide<R, F>(&self, request: &R, random: F) -> Decision
+    where
+        R: RequestInputs + ?Sized,
+        F: FnOnce() -> u64,
+    {
+        for (index, rule) in self.rules.iter().enumerate() {
+            if !rule.when.iter().all(|c| c.matches(request)) {
+                continue;
+            }
+            return match &rule.action {
+                Action::Variant(variant) => Decision {
+                    variant: *variant,
+                    rule: Some(index),
+                    placement: None,
+                },
+                Action::Split(split) => {
+                    let (variant, placement) = split.place(request, random);
+                    Decision {
+                        variant,
+                        rule: Some(index),
+                        placement: Some(placement),
+                    }
+                }
+            };
+        }
+        Decision {
+            variant: 0,
+            rule: None,
+            placement: None,
+        }
+    }
+}
+
+impl Split {
+    /// The sticky key of this request, if the split has one and the request carries it.
+    pub fn key<'r, R: RequestInputs + ?Sized>(&self, request: &'r R) -> Option<&'r [u8]> {
+        match &self.by {
+            SplitKey::Header(input) => request.input(*input).filter(|v| !v.is_empty()),
+            SplitKey::Cookie { name, input } => request
+                .input(*input)
+                .and_then(|header| cookie_value(header, name.as_bytes()))
+                .filter(|v| !v.is_empty()),
+            SplitKey::Random => None,
+        }
+    }
+
+    /// The variant (index into the policy's variants) a key is placed in.
+    pub fn variant_for_key(&self, key: &[u8]) -> usize {
+        let entry = match self.hash {
+            HashKind::Fnv => self
+                .weights
+                .pick_u64(fnv_position(self.salt.as_bytes(), key)),
+            HashKind::Flagd => self.weights.pick_u32(flagd_hash(self.salt.as_bytes(), key)),
+        };
+        self.variants[entry]
+    }
+
+    fn place<R: RequestInputs + ?Sized, F: FnOnce() -> u64>(
+        &self,
+        request: &R,
+        random: F,
+    ) -> (usize, Placement) {
+        if let Some(key) = self.key(request) {
+            return (self.variant_for_key(key), Placement::Sticky);
+        }
+        let placement = match (&self.by, self.missing) {
+            (SplitKey::Random, _) => Placement::Random,
+            (_, MissingKey::Random) => Placement::KeyMissingRandom,
+            (_, MissingKey::Fallback) => return (0, Placement::KeyMissingFallback),
+        };
+        (self.variants[self.weights.pick_u64(random())], placement)
+    }
+}
+
+impl Condition {
+    /// True when the request satisfies this condition.
+    pub fn matches<R: RequestInputs + ?Sized>(&self, request: &R) -> bool {
+        match &self.subject {
+            Subject::Header(input) => self.test.check(request.input(*input)),
+            Subject::Cookie { name, input } => {
+                let value = request
+                    .input(*input)
+                    .and_then(|header| cookie_value(header, name.as_bytes()));
+                self.test.check(value)
+            }
+            Subject::Query { name, input } => {
+                let value = request
+                    .input(*input)
+                    .and_then(|path| query_value(path, name.as_bytes()));
+                self.test.check(value.as_deref())
+            }
+        }
+    }
+}
+
+impl Test {
+    /// Applies the test to a value (`None`: absent).
+    pub fn check(&self, value: Option<&[u8]>) -> bool {
+        match (self, value) {
+            (Test::Present(expected), value) => value.is_some() == *expected,
+            (_, None) => false,
+            (Test::Equals(s), Some(v)) => v == s.as_bytes(),
+            (Test::Prefix(s), Some(v)) => v.starts_with(s.as_bytes()),
+            (Test::In(list), Some(v)) => list.iter().any(|s| v == s.as_bytes()),
+        }
+    }
+}
+
+/// The value of cookie `name` in a `cookie` header (`a=1; b=2`). Malformed pairs are
+/// skipped; surrounding double quotes are removed (RFC 6265 allows them).
+pub fn cookie_value<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
+    header.split(|b| *b == b';').find_map(|pair| {
+        let pair = trim_ows(pair);
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        if trim_ows(&pair[..eq]) != name {
+            return None;
+        }
+        let value = trim_ows(&pair[eq + 1..]);
+        Some(
+            value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value),
+        )
+    })
+}
+
+/// The decoded value of query parameter `name` in a request path (`/p?a=1&b=x%20y`).
+/// `+` means a space, `%XX` is decoded; a bad escape is kept as it is.
+pub fn query_value(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    let start = path.iter().position(|b| *b == b'?')? + 1;
+    let query = &path[start..];
+    // A fragment never reaches a proxy, but a malformed client might send one.
+    let query = match query.iter().position(|b| *b == b'#') {
+        Some(end) => &query[..end],
+        None => query,
+    };
+    query.split(|b| *b == b'&').find_map(|pair| {
+        let (raw_name, raw_value) = match pair.iter().position(|b| *b == b'=') {
+            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
+            None => (pair, &b""[..]),
+        };
+        if raw_name.is_empty() || percent_decode(raw_name) != name {
+            return None;
+        }
+        Some(percent_decode(raw_value))
+    })
+}
+
+fn percent_decode(input: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        match input[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < input.len() => match (hex(input[i + 1]), hex(input[i + 2])) {
+                (Some(hi), Some(lo)) => {
+                    out.push(hi << 4 | lo);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            b => out.push(b),
+        }
+        i += 1;
+    }
+    out
+}
+
+fn hex(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// Trims optional white space (spaces and tabs) from both ends.
+fn trim_ows(mut s: &[u8]) -> &[u8] {
+    while let Some((first, rest)) = s.split_first() {
+        if *first != b' ' && *first != b'\t' {
+            break;
+        }
+        s = rest;
+    }
+    while let Some((last, rest)) = s.split_last() {
+        if *last != b' ' && *last != b'\t' {
+            break;
+        }
+        s = rest;
+    }
+    s
+}

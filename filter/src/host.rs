@@ -1,0 +1,66 @@
+//! The only module that calls the proxy-wasm host. Every call returns an `Option` or a
+//! `Result` and never panics on a host status the SDK reports; callers count failures.
+//!
+//! Calls are only made in the phases where Envoy allows them (request headers are read
+//! in `on_http_request_headers`, response headers in `on_http_response_headers`): the
+//! SDK's hostcalls panic on statuses they do not expect, and a panic is a wasm trap
+//! that kills the worker's VM.
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::types::{MapType, MetricType, Status};
+use std::time::UNIX_EPOCH;
+
+/// Value of a request header, as bytes (values need not be UTF-8).
+pub fn request_header(name: &str) -> Result<Option<Vec<u8>>, Status> {
+    hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
+}
+
+/// Replaces every value of a request header with `value`.
+pub fn set_request_header(name: &str, value: &[u8]) -> Result<(), Status> {
+    hostcalls::set_map_value_bytes(MapType::HttpRequestHeaders, name, Some(value))
+}
+
+/// Value of a response header, as bytes.
+pub fn response_header(name: &str) -> Result<Option<Vec<u8>>, Status> {
+    hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+}
+
+/// Asks Envoy (≥ 1.33) to recompute the route after a header change. Older Envoys and
+/// ABI 0.2.1 modules clear the route cache on header changes anyway, so a missing
+/// function is not an error.
+pub fn clear_route_cache() {
+    let _ = hostcalls::call_foreign_function("clear_route_cache", None);
+}
+
+/// Host clock in nanoseconds since the Unix epoch.
+pub fn now_ns() -> Option<u64> {
+    let time = hostcalls::get_current_time().ok()?;
+    let since = time.duration_since(UNIX_EPOCH).ok()?;
+    u64::try_from(since.as_nanos()).ok()
+}
+
+/// Plugin configuration bytes (the policy JSON).
+pub fn plugin_configuration() -> Option<Vec<u8>> {
+    hostcalls::get_buffer(
+        proxy_wasm::types::BufferType::PluginConfiguration,
+        0,
+        usize::MAX,
+    )
+    .ok()
+    .flatten()
+}
+
+/// Defines (or finds) a metric; Envoy shows it as `wasmcustom.<name>`.
+pub fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, name).ok()
+}
+
+/// Adds one to a counter.
+pub fn increment(metric: u32) {
+    let _ = hostcalls::increment_metric(metric, 1);
+}
+
+/// Records a value into a histogram.
+pub fn record(metric: u32, value: u64) {
+    let _ = hostcalls::record_metric(metric, value);
+}
