@@ -164,7 +164,11 @@ impl Test {
             (Test::Present(expected), value) => value.is_some() == *expected,
             (_, None) => false,
             (Test::Equals(s), Some(v)) => v == s.as_bytes(),
-            (Test::Prefix(s), Some(v)) => v.starts_with(s.as_bytes()),
+            // The prefix is UTF-8 and ends on a character boundary, so the value is UTF-8
+            // exactly when the rest is: a value that is not UTF-8 never matches.
+            (Test::Prefix(s), Some(v)) => {
+                v.starts_with(s.as_bytes()) && std::str::from_utf8(&v[s.len()..]).is_ok()
+            }
             (Test::In(list), Some(v)) => list.iter().any(|s| v == s.as_bytes()),
         }
     }
@@ -192,13 +196,14 @@ pub fn cookie_value<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
 /// The decoded value of query parameter `name` in a request path (`/p?a=1&b=x%20y`).
 /// `+` means a space, `%XX` is decoded; a bad escape is kept as it is.
 pub fn query_value(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    // A fragment never reaches a proxy, but a malformed client might send one; it ends
+    // the query, and a '?' inside it starts none.
+    let path = match path.iter().position(|b| *b == b'#') {
+        Some(end) => &path[..end],
+        None => path,
+    };
     let start = path.iter().position(|b| *b == b'?')? + 1;
     let query = &path[start..];
-    // A fragment never reaches a proxy, but a malformed client might send one.
-    let query = match query.iter().position(|b| *b == b'#') {
-        Some(end) => &query[..end],
-        None => query,
-    };
     query.split(|b| *b == b'&').find_map(|pair| {
         let (raw_name, raw_value) = match pair.iter().position(|b| *b == b'=') {
             Some(eq) => (&pair[..eq], &pair[eq + 1..]),

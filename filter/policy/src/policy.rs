@@ -363,21 +363,24 @@ impl Decoder {
                 );
                 ok = false;
             }
-            match self.rule(item, &path, variants) {
-                Some(rule) => {
-                    if names.contains(&rule.name) {
-                        self.error(
-                            &join(&path, "name"),
-                            format!("duplicate rule name {:?}", rule.name),
-                        );
-                        ok = false;
-                    }
-                    names.push(rule.name.clone());
-                    if rule.when.is_empty() && catch_all.is_none() {
-                        catch_all = Some(i);
-                    }
-                    rules.push(rule);
+            let (name, rule) = self.rule(item, &path, variants);
+            // A rule's name and reachability are checked even when another part of it is
+            // wrong, so that every problem is reported in the same round.
+            if let Some(name) = name {
+                if names.contains(&name) {
+                    self.error(
+                        &join(&path, "name"),
+                        format!("duplicate rule name {:?}", name),
+                    );
+                    ok = false;
                 }
+                names.push(name);
+            }
+            if catch_all.is_none() && is_unconditional_split(item) {
+                catch_all = Some(i);
+            }
+            match rule {
+                Some(rule) => rules.push(rule),
                 None => ok = false,
             }
         }
@@ -388,8 +391,17 @@ impl Decoder {
         }
     }
 
-    fn rule(&mut self, value: &Value, path: &str, variants: &[String]) -> Option<Rule> {
-        let map = self.object(value, path, RULE_FIELDS)?;
+    /// The rule, and its name whenever the name itself is valid.
+    fn rule(
+        &mut self,
+        value: &Value,
+        path: &str,
+        variants: &[String],
+    ) -> (Option<String>, Option<Rule>) {
+        let map = match self.object(value, path, RULE_FIELDS) {
+            Some(map) => map,
+            None => return (None, None),
+        };
         let name = self
             .required(map, path, "name")
             .and_then(|v| self.name(v, &join(path, "name")));
@@ -426,11 +438,15 @@ impl Decoder {
                 .split(v, &join(path, "split"), variants, name.as_deref())
                 .map(Action::Split),
         };
-        Some(Rule {
-            name: name?,
-            when: when?,
-            action: action?,
-        })
+        let rule = match (&name, when, action) {
+            (Some(name), Some(when), Some(action)) => Some(Rule {
+                name: name.clone(),
+                when,
+                action,
+            }),
+            _ => None,
+        };
+        (name, rule)
     }
 
     fn variant_ref(&mut self, value: &Value, path: &str, variants: &[String]) -> Option<usize> {
@@ -626,6 +642,9 @@ impl Decoder {
             )),
             Some(v) => self.string(v, &join(path, "salt")).map(str::to_string),
         };
+        let weights = self
+            .required(map, path, "weights")
+            .and_then(|v| self.weights(v, &join(path, "weights"), variants));
         let missing = match map.get("missing") {
             None => Some(MissingKey::Random),
             Some(v) => match v.as_str() {
@@ -651,9 +670,6 @@ impl Decoder {
                 }
             },
         };
-        let weights = self
-            .required(map, path, "weights")
-            .and_then(|v| self.weights(v, &join(path, "weights"), variants));
         let (split_variants, weights) = weights?;
         Some(Split {
             by: by?,
@@ -719,6 +735,8 @@ impl Decoder {
         }
         let mut indices = Vec::with_capacity(items.len());
         let mut weights = Vec::with_capacity(items.len());
+        // Every variant named so far, even in an entry whose weight is wrong.
+        let mut listed: Vec<usize> = Vec::with_capacity(items.len());
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
             let item_path = format!("{}[{}]", path, i);
@@ -744,15 +762,18 @@ impl Decoder {
                         None
                     }
                 });
+            if let Some(v) = variant {
+                if listed.contains(&v) {
+                    self.error(
+                        &join(&item_path, "variant"),
+                        format!("variant {:?} is listed twice", variants[v]),
+                    );
+                    ok = false;
+                }
+                listed.push(v);
+            }
             match (variant, weight) {
                 (Some(v), Some(w)) => {
-                    if indices.contains(&v) {
-                        self.error(
-                            &join(&item_path, "variant"),
-                            format!("variant {:?} is listed twice", variants[v]),
-                        );
-                        ok = false;
-                    }
                     indices.push(v);
                     weights.push(w);
                 }
@@ -782,6 +803,16 @@ impl Decoder {
             }
         }
     }
+}
+
+/// True for a rule that applies to every request: a split without conditions. (A
+/// `variant` rule without conditions is refused for that alone, not taken as a catch-all.)
+fn is_unconditional_split(rule: &Value) -> bool {
+    rule.get("split").is_some()
+        && rule.get("variant").is_none()
+        && rule
+            .get("when")
+            .map_or(true, |w| w.as_array().map_or(false, |a| a.is_empty()))
 }
 
 /// RFC 9110 token characters (header and cookie names).
