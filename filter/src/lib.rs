@@ -12,26 +12,32 @@
 
 mod host;
 mod metrics;
+mod shadow;
 
 use std::cell::Cell;
 use std::rc::Rc;
 
-use meshcanary_policy::{Placement, Policy};
+use meshcanary_policy::mirror::BodyDigest;
+use meshcanary_policy::{Compare, MirrorChoice, Placement, Policy, SkipReason};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType};
 
-use metrics::{bump, record, FilterError, Metrics, NO_RESPONSE};
+use metrics::{bump, parse_status, record, response_class, FilterError, Metrics, NO_RESPONSE};
+use shadow::{CopyInProgress, Shadow, Skip};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
     proxy_wasm::set_root_context(|_context_id| -> Box<dyn RootContext> { Box::new(PolicyRoot::default()) });
 }}
 
-/// What every request of one configuration shares.
+/// What every request of one configuration shares (per worker).
 struct Configured {
+    /// The routing policy (its `mirror` section moved into `shadow`).
     policy: Policy,
     metrics: Metrics,
-    /// State of the per-VM generator for random splits (splitmix64).
+    /// Shadowing, when the policy has a `mirror` section.
+    shadow: Option<Shadow>,
+    /// State of the per-VM generator for random splits and sampling (splitmix64).
     random_state: Cell<u64>,
 }
 
@@ -45,13 +51,26 @@ impl Configured {
     }
 }
 
-/// The root context: parses and compiles the policy on every (re)configuration.
+/// The root context: parses and compiles the policy on every (re)configuration, and
+/// sends shadow copies (see `shadow.rs` for why the root does).
 #[derive(Default)]
 struct PolicyRoot {
     configured: Option<Rc<Configured>>,
 }
 
-impl Context for PolicyRoot {}
+impl Context for PolicyRoot {
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        if let Some(shadow) = self.configured.as_ref().and_then(|c| c.shadow.as_ref()) {
+            shadow.on_response(token_id, num_headers, body_size);
+        }
+    }
+}
 
 impl RootContext for PolicyRoot {
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -74,20 +93,27 @@ impl RootContext for PolicyRoot {
         };
         let config_metric = |name: &str| host::define_metric(MetricType::Counter, name);
         match outcome {
-            Ok(policy) => {
+            Ok(mut policy) => {
                 bump(config_metric("meshcanary.config.accepted"));
                 log::info!(
-                    "meshcanary: policy {:?} configured: {} variants, {} rules",
+                    "meshcanary: policy {:?} configured: {} variants, {} rules, mirror {}",
                     policy.name,
                     policy.variants.len(),
-                    policy.rules.len()
+                    policy.rules.len(),
+                    policy.mirror.as_ref().map_or("off", |m| m.cluster.as_str()),
                 );
                 let metrics = Metrics::define(&policy);
                 let seed = host::now_ns().unwrap_or(0) ^ (self as *const Self as u64);
+                let random_state = Cell::new(seed);
+                let shadow = policy.mirror.take().map(|mirror| {
+                    let unique = meshcanary_policy::bucket::fmix64(seed ^ 0x5eed);
+                    Shadow::new(&policy.name, mirror, unique)
+                });
                 self.configured = Some(Rc::new(Configured {
                     policy,
                     metrics,
-                    random_state: Cell::new(seed),
+                    shadow,
+                    random_state,
                 }));
                 true
             }
@@ -99,14 +125,26 @@ impl RootContext for PolicyRoot {
         }
     }
 
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        if let Some(shadow) = self.configured.as_ref().and_then(|c| c.shadow.as_ref()) {
+            shadow.dispatch_ready(queue_id);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         // A root that never accepted a policy still has to hand out a context (the SDK
         // panics on None); it lets requests through untouched.
         Some(Box::new(RoutingStream {
             configured: self.configured.clone(),
             decided: None,
+            counted: false,
             started_ns: None,
             responded: false,
+            copy: None,
+            copy_id: None,
+            primary_class: None,
+            response_digest: None,
+            primary_recorded: false,
         }))
     }
 
@@ -115,21 +153,34 @@ impl RootContext for PolicyRoot {
     }
 }
 
-/// One HTTP stream: decides on request headers, counts on response headers and at the end.
+/// One HTTP stream: decides on request headers, builds the shadow copy while the body
+/// streams past, counts on response headers and at the end.
 struct RoutingStream {
     configured: Option<Rc<Configured>>,
     /// The variant chosen for this request, once decided.
     decided: Option<usize>,
+    /// False for shadow copies arriving here: they are routed but never counted as live.
+    counted: bool,
     /// Host time of the request headers, for latency.
     started_ns: Option<u64>,
     /// Whether response headers were seen (otherwise the stream ended without a response).
     responded: bool,
+    /// The shadow copy being built while the request body streams past.
+    copy: Option<CopyInProgress>,
+    /// The copy's id, for the shadow-vs-primary comparison.
+    copy_id: Option<u64>,
+    /// The primary's status class, once its response headers were seen.
+    primary_class: Option<usize>,
+    /// Running digest of the primary's body, for `compare: "body"`.
+    response_digest: Option<BodyDigest>,
+    /// Whether the primary's outcome was handed to the comparison.
+    primary_recorded: bool,
 }
 
 impl Context for RoutingStream {}
 
 impl HttpContext for RoutingStream {
-    fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
         let configured = match &self.configured {
             Some(c) => Rc::clone(c),
             None => return Action::Continue,
@@ -145,6 +196,7 @@ impl HttpContext for RoutingStream {
                 })
             })
             .collect();
+        // Routing comes first, so a copy carries the primary's decision header too.
         let decision = policy.decide(&inputs, || configured.next_random());
         let variant = &policy.variants[decision.variant];
         // Replaces any value the client sent: the header is ours to set.
@@ -152,8 +204,155 @@ impl HttpContext for RoutingStream {
             metrics.error(FilterError::SetHeader);
         }
         host::clear_route_cache();
-
         self.decided = Some(decision.variant);
+
+        let is_copy = configured
+            .shadow
+            .as_ref()
+            .map_or(false, |s| s.mirror.is_copy(&inputs));
+        self.counted = !is_copy;
+        if self.counted {
+            self.count_decision(&configured, decision);
+        }
+        if let Some(shadow) = &configured.shadow {
+            match shadow.mirror.choose(&inputs, || configured.next_random()) {
+                MirrorChoice::Send => {
+                    if let Some(copy) = shadow.begin() {
+                        self.copy_id = Some(copy.id);
+                        if end_of_stream {
+                            self.copy_id = shadow.submit(copy, Vec::new());
+                        } else {
+                            self.copy = Some(copy);
+                        }
+                    }
+                }
+                MirrorChoice::Skip(reason) => shadow.skipped(match reason {
+                    SkipReason::Marked => Skip::Marked,
+                    SkipReason::Method => Skip::Method,
+                    SkipReason::SampledOut => Skip::SampledOut,
+                }),
+                MirrorChoice::NotEligible => {}
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        // The primary is never paused: each chunk is copied as it passes through.
+        let (configured, mut copy) = match (&self.configured, self.copy.take()) {
+            (Some(c), Some(copy)) => (Rc::clone(c), copy),
+            _ => return Action::Continue,
+        };
+        let shadow = match &configured.shadow {
+            Some(s) => s,
+            None => return Action::Continue,
+        };
+        let chunk = if body_size > 0 {
+            host::request_body_chunk(body_size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        if !copy.append(&chunk, shadow.mirror.max_body_bytes) {
+            shadow.abandon(copy, Skip::BodyTooLarge);
+            self.copy_id = None;
+        } else if end_of_stream {
+            self.copy_id = shadow.submit(copy, Vec::new());
+        } else {
+            self.copy = Some(copy);
+        }
+        Action::Continue
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        let (configured, copy) = match (&self.configured, self.copy.take()) {
+            (Some(c), Some(copy)) => (Rc::clone(c), copy),
+            _ => return Action::Continue,
+        };
+        if let Some(shadow) = &configured.shadow {
+            match host::request_trailers().ok().and_then(shadow::utf8_pairs) {
+                Some(trailers) => self.copy_id = shadow.submit(copy, trailers),
+                None => {
+                    shadow.abandon(copy, Skip::NonUtf8Header);
+                    self.copy_id = None;
+                }
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        let (configured, variant) = match (&self.configured, self.decided) {
+            (Some(c), Some(v)) => (Rc::clone(c), v),
+            _ => return Action::Continue,
+        };
+        self.responded = true;
+        let status = match host::response_header(":status") {
+            Ok(Some(bytes)) => parse_status(&bytes),
+            _ => None,
+        };
+        if status.is_none() {
+            configured.metrics.error(FilterError::ReadStatus);
+        }
+        let class = response_class(status.unwrap_or(0));
+        if self.counted {
+            let metrics = &configured.metrics.variants[variant];
+            bump(metrics.responses[class]);
+            if let (Some(start), Some(now)) = (self.started_ns, host::now_ns()) {
+                record(metrics.latency_ms, now.saturating_sub(start) / 1_000_000);
+            }
+        }
+        if let (Some(shadow), Some(_)) = (&configured.shadow, self.copy_id) {
+            self.primary_class = Some(class);
+            match shadow.mirror.compare {
+                Compare::Off => {}
+                Compare::Body if !end_of_stream => {
+                    self.response_digest = Some(BodyDigest::new(shadow.mirror.max_body_bytes));
+                }
+                Compare::Body => self.record_primary(Some(BodyDigest::new(0).finish())),
+                Compare::Status => self.record_primary(None),
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        if let Some(digest) = self.response_digest.as_mut() {
+            if body_size > 0 {
+                digest.update(&host::response_body_chunk(body_size).unwrap_or_default());
+            }
+            if end_of_stream {
+                let finished = digest.finish();
+                self.record_primary(Some(finished));
+            }
+        }
+        Action::Continue
+    }
+
+    fn on_log(&mut self) {
+        let configured = match &self.configured {
+            Some(c) => Rc::clone(c),
+            None => return,
+        };
+        if let (Some(variant), false, true) = (self.decided, self.responded, self.counted) {
+            bump(configured.metrics.variants[variant].responses[NO_RESPONSE]);
+        }
+        if let Some(shadow) = &configured.shadow {
+            if let Some(copy) = self.copy.take() {
+                shadow.abandon(copy, Skip::Incomplete);
+                self.copy_id = None;
+            }
+            if let (Some(id), false) = (self.copy_id, self.primary_recorded) {
+                // The primary never finished answering: nothing to compare against.
+                shadow.primary_outcome(id, None, None);
+            }
+        }
+    }
+}
+
+impl RoutingStream {
+    /// Counts a live request's decision: variant, rule and split placement.
+    fn count_decision(&mut self, configured: &Configured, decision: meshcanary_policy::Decision) {
+        let metrics = &configured.metrics;
         self.started_ns = host::now_ns();
         if self.started_ns.is_none() {
             metrics.error(FilterError::Clock);
@@ -169,50 +368,19 @@ impl HttpContext for RoutingStream {
             }
             None => bump(metrics.fallback),
         }
-        Action::Continue
     }
 
-    fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        let (configured, variant) = match (&self.configured, self.decided) {
-            (Some(c), Some(v)) => (c, v),
-            _ => return Action::Continue,
+    /// Hands the primary's outcome to the comparison (`body`: the digest, for
+    /// `compare: "body"`; `Some(None)` when the body exceeded the limit).
+    fn record_primary(&mut self, body: Option<Option<(u64, usize)>>) {
+        let (configured, id) = match (&self.configured, self.copy_id) {
+            (Some(c), Some(id)) => (Rc::clone(c), id),
+            _ => return,
         };
-        self.responded = true;
-        let metrics = &configured.metrics.variants[variant];
-        let status = match host::response_header(":status") {
-            Ok(Some(bytes)) => parse_status(&bytes),
-            _ => None,
-        };
-        match status {
-            Some(code) => bump(metrics.responses[metrics::response_class(code)]),
-            None => {
-                configured.metrics.error(FilterError::ReadStatus);
-                bump(metrics.responses[metrics::response_class(0)]);
-            }
-        }
-        if let (Some(start), Some(now)) = (self.started_ns, host::now_ns()) {
-            record(metrics.latency_ms, now.saturating_sub(start) / 1_000_000);
-        }
-        Action::Continue
-    }
-
-    fn on_log(&mut self) {
-        if let (Some(configured), Some(variant), false) =
-            (&self.configured, self.decided, self.responded)
-        {
-            bump(configured.metrics.variants[variant].responses[NO_RESPONSE]);
+        if let Some(shadow) = &configured.shadow {
+            self.primary_recorded = true;
+            self.response_digest = None;
+            shadow.primary_outcome(id, self.primary_class, body.flatten());
         }
     }
-}
-
-/// Parses a `:status` value; `None` for anything that is not a 3-digit code.
-fn parse_status(bytes: &[u8]) -> Option<u32> {
-    if bytes.len() != 3 || !bytes.iter().all(u8::is_ascii_digit) {
-        return None;
-    }
-    Some(
-        bytes
-            .iter()
-            .fold(0, |acc, b| acc * 10 + u32::from(b - b'0')),
-    )
 }

@@ -136,3 +136,15 @@ pub fn response_class(status: u32) -> usize {
         _ => 4,
     }
 }
+
+/// Parses a `:status` value; `None` for anything that is not a 3-digit code.
+pub fn parse_status(bytes: &[u8]) -> Option<u32> {
+    if bytes.len() != 3 || !bytes.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        bytes
+            .iter()
+            .fold(0, |acc, b| acc * 10 + u32::from(b - b'0')),
+    )
+}

@@ -399,3 +399,22 @@ impl Envoy {
         let _ = self.child.kill().await;
     }
 }
+
+impl Envoy {
+    /// Waits until counter `name` satisfies `done`; returns its last value either way.
+    pub async fn wait_counter(
+        &self,
+        name: &str,
+        timeout: Duration,
+        done: impl Fn(u64) -> bool,
+    ) -> u64 {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let value = self.counter(name).await;
+            if done(value) || Instant::now() > deadline {
+                return value;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -226,3 +226,14 @@ async fn handle(
         .map_err(std::io::Error::other)?;
     Ok::<_, std::io::Error>(response)
 }
+
+impl Upstream {
+    /// Waits until at least `n` requests arrived (or `timeout` passed); returns the count.
+    pub async fn wait_for(&self, n: usize, timeout: Duration) -> usize {
+        let deadline = Instant::now() + timeout;
+        while self.count() < n && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        self.count()
+    }
+}

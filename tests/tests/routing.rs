@@ -39,6 +39,9 @@ fn split_policy(canary_weight: u64) -> Value {
     })
 }
 
+/// Request headers as the client sends them.
+type Headers<'a> = &'a [(&'a str, &'a [u8])];
+
 fn user_ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
 }
@@ -121,7 +124,7 @@ async fn cookie_and_query_rules_route_as_specified() {
         ]
     });
     let (envoy, _stable, _canary) = start(&policy).await;
-    let cases: &[(&str, &[(&str, &[u8])], &str)] = &[
+    let cases: &[(&str, Headers, &str)] = &[
         ("/", &[("cookie", b"plan=beta")], "canary"),
         (
             "/",
@@ -505,7 +508,7 @@ async fn bad_input_never_fails_a_request_and_is_routed_as_the_core_decides() {
 
     let big_cookie: Vec<u8> = {
         let mut c = b"a=".to_vec();
-        c.extend(std::iter::repeat(b'x').take(16 * 1024));
+        c.extend(std::iter::repeat_n(b'x', 16 * 1024));
         c.extend_from_slice(b"; plan=beta");
         c
     };

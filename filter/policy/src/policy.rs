@@ -10,6 +10,7 @@ use serde_json::{Map, Value};
 
 use crate::bucket::{HashKind, Weights};
 use crate::error::ConfigErrors;
+use crate::mirror::Mirror;
 
 /// Default name of the request header that carries the decision.
 pub const DEFAULT_DECISION_HEADER: &str = "x-meshcanary-variant";
@@ -28,6 +29,8 @@ pub struct Policy {
     pub variants: Vec<String>,
     /// Ordered rules; the first that matches decides.
     pub rules: Vec<Rule>,
+    /// Shadow traffic: copies of eligible requests sent to a shadow cluster.
+    pub mirror: Option<Mirror>,
     /// Lower-case request header names the rules read, each once (`cookie` and `:path`
     /// included when cookie or query conditions exist). Conditions refer to them by index.
     pub inputs: Vec<String>,
@@ -159,14 +162,14 @@ impl Policy {
 
 /// Walks a JSON document, collecting errors with their paths.
 #[derive(Default)]
-struct Decoder {
+pub(crate) struct Decoder {
     errors: ConfigErrors,
     inputs: Vec<String>,
     /// The policy's name once decoded; default salts are derived from it.
     policy_name: Option<String>,
 }
 
-const POLICY_FIELDS: &[&str] = &["name", "decision_header", "variants", "rules"];
+const POLICY_FIELDS: &[&str] = &["name", "decision_header", "variants", "rules", "mirror"];
 const RULE_FIELDS: &[&str] = &["name", "when", "variant", "split"];
 const SPLIT_FIELDS: &[&str] = &["by", "salt", "weights", "missing", "hash"];
 const WEIGHT_FIELDS: &[&str] = &["variant", "weight"];
@@ -174,12 +177,12 @@ const SUBJECTS: &[&str] = &["header", "cookie", "query"];
 const TESTS: &[&str] = &["equals", "prefix", "in", "present"];
 
 impl Decoder {
-    fn error(&mut self, path: &str, message: impl Into<String>) {
+    pub(crate) fn error(&mut self, path: &str, message: impl Into<String>) {
         self.errors.push(path, message);
     }
 
     /// The object at `path`, after reporting fields not in `allowed`.
-    fn object<'v>(
+    pub(crate) fn object<'v>(
         &mut self,
         value: &'v Value,
         path: &str,
@@ -203,7 +206,7 @@ impl Decoder {
         Some(map)
     }
 
-    fn string<'v>(&mut self, value: &'v Value, path: &str) -> Option<&'v str> {
+    pub(crate) fn string<'v>(&mut self, value: &'v Value, path: &str) -> Option<&'v str> {
         match value.as_str() {
             Some(s) => Some(s),
             None => {
@@ -213,7 +216,7 @@ impl Decoder {
         }
     }
 
-    fn required<'v>(
+    pub(crate) fn required<'v>(
         &mut self,
         map: &'v Map<String, Value>,
         path: &str,
@@ -227,7 +230,7 @@ impl Decoder {
     }
 
     /// A name used in metrics: `[a-z0-9_-]{1,64}`.
-    fn name(&mut self, value: &Value, path: &str) -> Option<String> {
+    pub(crate) fn name(&mut self, value: &Value, path: &str) -> Option<String> {
         let s = self.string(value, path)?;
         if s.is_empty() || s.len() > MAX_NAME_LEN {
             self.error(
@@ -250,7 +253,7 @@ impl Decoder {
     }
 
     /// A header name, lower-cased. Pseudo-headers (`:path`, `:authority`…) are allowed.
-    fn header_name(&mut self, value: &Value, path: &str) -> Option<String> {
+    pub(crate) fn header_name(&mut self, value: &Value, path: &str) -> Option<String> {
         let s = self.string(value, path)?;
         let body = s.strip_prefix(':').unwrap_or(s);
         if body.is_empty() || !body.bytes().all(is_token_byte) {
@@ -261,7 +264,7 @@ impl Decoder {
     }
 
     /// Index of a request input (header name), registering it once.
-    fn input(&mut self, header: &str) -> usize {
+    pub(crate) fn input(&mut self, header: &str) -> usize {
         if let Some(i) = self.inputs.iter().position(|h| h == header) {
             return i;
         }
@@ -295,11 +298,23 @@ impl Decoder {
             // Without valid variants, rules cannot be resolved; still report their shape.
             (Some(v), None) => self.rules(v, &[]).map(|_| Vec::new()),
         };
+        // Mirror sampling is sticky by the key of the policy's first keyed split.
+        let sample_key = rules.as_ref().and_then(|rules| {
+            rules.iter().find_map(|rule| match &rule.action {
+                Action::Split(split) if split.by != SplitKey::Random => Some(split.by.clone()),
+                _ => None,
+            })
+        });
+        let mirror = match map.get("mirror") {
+            None | Some(Value::Null) => Some(None),
+            Some(v) => self.mirror(v, "mirror", sample_key).map(Some),
+        };
         Some(Policy {
             name: name?,
             decision_header: decision_header?,
             variants: variants?,
             rules: rules?,
+            mirror: mirror?,
             inputs: std::mem::take(&mut self.inputs),
         })
     }
@@ -465,7 +480,7 @@ impl Decoder {
         found
     }
 
-    fn conditions(&mut self, value: &Value, path: &str) -> Option<Vec<Condition>> {
+    pub(crate) fn conditions(&mut self, value: &Value, path: &str) -> Option<Vec<Condition>> {
         let items = match value.as_array() {
             Some(items) => items,
             None => {
@@ -816,11 +831,11 @@ fn is_unconditional_split(rule: &Value) -> bool {
 }
 
 /// RFC 9110 token characters (header and cookie names).
-fn is_token_byte(b: u8) -> bool {
+pub(crate) fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
 }
 
-fn join(path: &str, field: &str) -> String {
+pub(crate) fn join(path: &str, field: &str) -> String {
     if path.is_empty() {
         field.to_string()
     } else {
@@ -828,7 +843,7 @@ fn join(path: &str, field: &str) -> String {
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+pub(crate) fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

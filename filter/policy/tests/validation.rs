@@ -316,7 +316,7 @@ fn bad_documents() -> Vec<Case> {
         case(
             "unknown top-level field",
             r#"{"name": "checkout", "variants": ["stable"], "owner": "team"}"#,
-            &["owner: unknown field; expected one of: name, decision_header, variants, rules"],
+            &["owner: unknown field; expected one of: name, decision_header, variants, rules, mirror"],
         ),
         case(
             "unknown rule field",
@@ -925,8 +925,8 @@ fn unknown_fields_are_reported_first_within_their_object() {
     assert_eq!(
         error_lines(doc),
         [
-            "alpha: unknown field; expected one of: name, decision_header, variants, rules",
-            "zeta: unknown field; expected one of: name, decision_header, variants, rules",
+            "alpha: unknown field; expected one of: name, decision_header, variants, rules, mirror",
+            "zeta: unknown field; expected one of: name, decision_header, variants, rules, mirror",
             r#"name: "Checkout" may contain only a-z, 0-9, '_' and '-'"#,
             "variants: must list at least one variant",
         ]

@@ -1,0 +1,405 @@
+//! Shadow traffic on the host side: building copies as requests stream past, sending
+//! them from the root context, and comparing shadow and primary responses.
+//!
+//! Why the root context sends the copies: Envoy cancels an HTTP call when the context
+//! that made it goes away, and a fast primary would take its stream context (and the
+//! copy) with it. So a stream hands its finished copy to worker-local memory and wakes
+//! the root through a shared queue registered by that root; the root dispatches, owns
+//! the call, and receives the shadow's response whenever it comes. The primary never
+//! waits for any of it: every stream callback returns `Continue`.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use meshcanary_policy::mirror::BodyDigest;
+use meshcanary_policy::{Compare, Mirror};
+use proxy_wasm::types::MetricType;
+
+use crate::host;
+use crate::metrics::{bump, parse_status, record, response_class, Handle, RESPONSE_CLASSES};
+
+/// Why an eligible request was not copied, as counted in `shadow.skipped.<reason>`.
+#[derive(Clone, Copy)]
+pub enum Skip {
+    /// The request is itself a copy (loop guard).
+    Marked = 0,
+    /// Its method is not listed in `methods`.
+    Method = 1,
+    /// `percent` sampling left it out.
+    SampledOut = 2,
+    /// Its body is larger than `max_body_bytes`.
+    BodyTooLarge = 3,
+    /// `max_in_flight` copies were already in flight on this worker.
+    InFlightLimit = 4,
+    /// A header or trailer value is not UTF-8 and cannot be handed to Envoy's HTTP call.
+    NonUtf8Header = 5,
+    /// The request ended (reset) before its body was complete.
+    Incomplete = 6,
+}
+
+const SKIP_NAMES: [&str; 7] = [
+    "marked",
+    "method",
+    "sampled_out",
+    "body_too_large",
+    "in_flight_limit",
+    "non_utf8_header",
+    "incomplete",
+];
+
+/// Metrics under `meshcanary.<policy>.shadow.`.
+pub struct ShadowMetrics {
+    sent: Handle,
+    failed: Handle,
+    timed_out: Handle,
+    skipped: [Handle; 7],
+    responses: [Handle; 6],
+    status_match: Handle,
+    status_mismatch: Handle,
+    body_match: Handle,
+    body_mismatch: Handle,
+    compare_skipped: Handle,
+    latency_ms: Handle,
+}
+
+impl ShadowMetrics {
+    fn define(policy: &str) -> ShadowMetrics {
+        let base = format!("meshcanary.{}.shadow", policy);
+        let counter =
+            |name: &str| host::define_metric(MetricType::Counter, &format!("{}.{}", base, name));
+        ShadowMetrics {
+            sent: counter("sent"),
+            failed: counter("failed"),
+            timed_out: counter("timed_out"),
+            skipped: SKIP_NAMES.map(|reason| counter(&format!("skipped.{}", reason))),
+            responses: RESPONSE_CLASSES.map(|class| counter(&format!("responses.{}", class))),
+            status_match: counter("status_match"),
+            status_mismatch: counter("status_mismatch"),
+            body_match: counter("body_match"),
+            body_mismatch: counter("body_mismatch"),
+            compare_skipped: counter("compare_skipped"),
+            latency_ms: host::define_metric(MetricType::Histogram, &format!("{}.latency_ms", base)),
+        }
+    }
+}
+
+/// A response as far as comparison cares: its status class and, for `compare: "body"`,
+/// the body's digest (`None` when it was longer than `max_body_bytes`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Outcome {
+    class: usize,
+    body: Option<(u64, usize)>,
+}
+
+/// Both sides of one comparison; whichever arrives second settles it.
+#[derive(Default)]
+struct Pending {
+    primary: Option<Option<Outcome>>,
+    shadow: Option<Option<Outcome>>,
+}
+
+/// A finished copy, waiting for the root to send it.
+struct ReadyCopy {
+    id: u64,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    trailers: Vec<(String, String)>,
+}
+
+/// A copy the root has sent and not yet heard back from.
+struct Call {
+    id: u64,
+    sent_ns: Option<u64>,
+}
+
+/// Shadowing state of one configured policy on one worker.
+pub struct Shadow {
+    /// The policy's `mirror` section.
+    pub mirror: Mirror,
+    metrics: ShadowMetrics,
+    /// The root's wake-up queue; `None` when it could not be registered (copies are
+    /// then counted as failed rather than sent from a stream that may vanish).
+    queue: Option<u32>,
+    /// Copies being built, ready or in flight: bounded by `max_in_flight`.
+    in_flight: Cell<u32>,
+    ready: RefCell<VecDeque<ReadyCopy>>,
+    calls: RefCell<HashMap<u32, Call>>,
+    comparisons: RefCell<HashMap<u64, Pending>>,
+    next_id: Cell<u64>,
+}
+
+impl Shadow {
+    /// Defines the metrics and registers this root's wake-up queue under a name no other
+    /// worker uses (shared-queue names are global to the VM id).
+    pub fn new(policy: &str, mirror: Mirror, unique: u64) -> Shadow {
+        let queue = host::register_queue(&format!("meshcanary.shadow.{:016x}", unique));
+        if queue.is_none() {
+            log::warn!(
+                "meshcanary: could not register the shadow queue; copies will be counted as failed"
+            );
+        }
+        Shadow {
+            mirror,
+            metrics: ShadowMetrics::define(policy),
+            queue,
+            in_flight: Cell::new(0),
+            ready: RefCell::new(VecDeque::new()),
+            calls: RefCell::new(HashMap::new()),
+            comparisons: RefCell::new(HashMap::new()),
+            next_id: Cell::new(0),
+        }
+    }
+
+    /// Counts a request that was eligible but not copied.
+    pub fn skipped(&self, reason: Skip) {
+        bump(self.metrics.skipped[reason as usize]);
+    }
+
+    /// Starts a copy of the current request (call from `on_http_request_headers`).
+    /// `None` when it cannot be copied; the reason has been counted.
+    pub fn begin(&self) -> Option<CopyInProgress> {
+        if self.in_flight.get() >= self.mirror.max_in_flight {
+            self.skipped(Skip::InFlightLimit);
+            return None;
+        }
+        let all = match host::request_headers() {
+            Ok(all) => all,
+            Err(_) => {
+                bump(self.metrics.failed);
+                return None;
+            }
+        };
+        let mut headers = Vec::with_capacity(all.len() + 2);
+        for (name, value) in all {
+            if name == ":authority" {
+                let authority = match String::from_utf8(value) {
+                    Ok(a) => a,
+                    Err(_) => {
+                        self.skipped(Skip::NonUtf8Header);
+                        return None;
+                    }
+                };
+                headers.push((name, self.mirror.shadow_authority(&authority)));
+            } else if self.mirror.copies_header(&name) {
+                match String::from_utf8(value) {
+                    Ok(v) => headers.push((name, v)),
+                    Err(_) => {
+                        self.skipped(Skip::NonUtf8Header);
+                        return None;
+                    }
+                }
+            }
+        }
+        headers.push((self.mirror.marker_header.clone(), "1".to_string()));
+        let id = self.next_id.get().wrapping_add(1);
+        self.next_id.set(id);
+        self.in_flight.set(self.in_flight.get() + 1);
+        if self.mirror.compare != Compare::Off {
+            self.comparisons.borrow_mut().insert(id, Pending::default());
+        }
+        Some(CopyInProgress {
+            id,
+            headers,
+            body: Vec::new(),
+        })
+    }
+
+    /// Gives up a copy before it was sent (body too large, stream reset …).
+    pub fn abandon(&self, copy: CopyInProgress, reason: Skip) {
+        self.skipped(reason);
+        self.comparisons.borrow_mut().remove(&copy.id);
+        self.release();
+    }
+
+    /// Hands a complete copy to the root and wakes it. Returns the copy's id for the
+    /// comparison, or `None` if it could not be handed over (counted as failed).
+    pub fn submit(&self, copy: CopyInProgress, trailers: Vec<(String, String)>) -> Option<u64> {
+        let id = copy.id;
+        let woken = self.queue.map_or(false, |q| host::enqueue(q, b"copy"));
+        if !woken {
+            bump(self.metrics.failed);
+            self.comparisons.borrow_mut().remove(&id);
+            self.release();
+            return None;
+        }
+        self.ready.borrow_mut().push_back(ReadyCopy {
+            id,
+            headers: copy.headers,
+            body: copy.body,
+            trailers,
+        });
+        Some(id)
+    }
+
+    /// Root side: sends every ready copy (call from `on_queue_ready`).
+    pub fn dispatch_ready(&self, queue_id: u32) {
+        if Some(queue_id) != self.queue {
+            return;
+        }
+        // Drain the wake-ups; the ready list, not their number, says what to send.
+        while let Some(q) = self.queue {
+            if !host::dequeue(q) {
+                break;
+            }
+        }
+        let ready: Vec<ReadyCopy> = self.ready.borrow_mut().drain(..).collect();
+        let timeout = Duration::from_millis(u64::from(self.mirror.timeout_ms));
+        for copy in ready {
+            let headers: Vec<(&str, &str)> = copy
+                .headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let trailers: Vec<(&str, &str)> = copy
+                .trailers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            let body = if copy.body.is_empty() {
+                None
+            } else {
+                Some(copy.body.as_slice())
+            };
+            match host::dispatch(&self.mirror.cluster, headers, body, trailers, timeout) {
+                Ok(token) => {
+                    bump(self.metrics.sent);
+                    self.calls.borrow_mut().insert(
+                        token,
+                        Call {
+                            id: copy.id,
+                            sent_ns: host::now_ns(),
+                        },
+                    );
+                }
+                Err(status) => {
+                    // Typically an unknown cluster: say so once per copy at debug, count always.
+                    log::debug!(
+                        "meshcanary: shadow call to {:?} refused: {:?}",
+                        self.mirror.cluster,
+                        status
+                    );
+                    bump(self.metrics.failed);
+                    self.comparisons.borrow_mut().remove(&copy.id);
+                    self.release();
+                }
+            }
+        }
+    }
+
+    /// Root side: the shadow answered, failed or timed out (call from `on_http_call_response`).
+    pub fn on_response(&self, token: u32, num_headers: usize, body_size: usize) {
+        let call = match self.calls.borrow_mut().remove(&token) {
+            Some(call) => call,
+            None => return,
+        };
+        self.release();
+        let now = host::now_ns();
+        let elapsed_ms = match (call.sent_ns, now) {
+            (Some(sent), Some(now)) => Some(now.saturating_sub(sent) / 1_000_000),
+            _ => None,
+        };
+        if num_headers == 0 {
+            // No response: Envoy gives no reason, so the clock tells a timeout from a failure.
+            let timed_out =
+                elapsed_ms.map_or(false, |ms| ms + 5 >= u64::from(self.mirror.timeout_ms));
+            bump(if timed_out {
+                self.metrics.timed_out
+            } else {
+                self.metrics.failed
+            });
+            self.comparisons.borrow_mut().remove(&call.id);
+            return;
+        }
+        if let Some(ms) = elapsed_ms {
+            record(self.metrics.latency_ms, ms);
+        }
+        let status = host::call_response_header(":status").and_then(|s| parse_status(&s));
+        let class = response_class(status.unwrap_or(0));
+        bump(self.metrics.responses[class]);
+        if self.mirror.compare == Compare::Off {
+            return;
+        }
+        let body =
+            if self.mirror.compare == Compare::Body && body_size <= self.mirror.max_body_bytes {
+                let mut digest = BodyDigest::new(self.mirror.max_body_bytes);
+                digest.update(&host::call_response_body(body_size).unwrap_or_default());
+                digest.finish()
+            } else {
+                None
+            };
+        self.settle(call.id, |p| p.shadow = Some(Some(Outcome { class, body })));
+    }
+
+    /// Stream side: the primary's outcome for copy `id` (`None`: it never answered).
+    pub fn primary_outcome(&self, id: u64, class: Option<usize>, body: Option<(u64, usize)>) {
+        let outcome = class.map(|class| Outcome { class, body });
+        self.settle(id, |p| p.primary = Some(outcome));
+    }
+
+    /// Records one side and, once both are in, counts the comparison.
+    fn settle(&self, id: u64, record_side: impl FnOnce(&mut Pending)) {
+        let mut comparisons = self.comparisons.borrow_mut();
+        let pending = match comparisons.get_mut(&id) {
+            Some(p) => p,
+            None => return,
+        };
+        record_side(pending);
+        let (primary, shadow) = match (pending.primary, pending.shadow) {
+            (Some(p), Some(s)) => (p, s),
+            _ => return,
+        };
+        comparisons.remove(&id);
+        drop(comparisons);
+        let (primary, shadow) = match (primary, shadow) {
+            (Some(p), Some(s)) => (p, s),
+            _ => {
+                bump(self.metrics.compare_skipped);
+                return;
+            }
+        };
+        if primary.class != shadow.class {
+            bump(self.metrics.status_mismatch);
+            return;
+        }
+        bump(self.metrics.status_match);
+        if self.mirror.compare == Compare::Body {
+            match (primary.body, shadow.body) {
+                (Some(p), Some(s)) if p == s => bump(self.metrics.body_match),
+                (Some(_), Some(_)) => bump(self.metrics.body_mismatch),
+                _ => bump(self.metrics.compare_skipped),
+            }
+        }
+    }
+
+    fn release(&self) {
+        self.in_flight.set(self.in_flight.get().saturating_sub(1));
+    }
+}
+
+/// A copy being built while its request streams past.
+pub struct CopyInProgress {
+    /// Identifies the copy for the comparison.
+    pub id: u64,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl CopyInProgress {
+    /// Appends a body chunk; false once the body exceeds `limit`.
+    pub fn append(&mut self, chunk: &[u8], limit: usize) -> bool {
+        if self.body.len() + chunk.len() > limit {
+            return false;
+        }
+        self.body.extend_from_slice(chunk);
+        true
+    }
+}
+
+/// Converts trailers for the copy; `None` when one is not UTF-8.
+pub fn utf8_pairs(pairs: Vec<(String, Vec<u8>)>) -> Option<Vec<(String, String)>> {
+    pairs
+        .into_iter()
+        .map(|(n, v)| String::from_utf8(v).ok().map(|v| (n, v)))
+        .collect()
+}

@@ -1,0 +1,534 @@
+//! Shadow traffic end to end: real Envoy, the real module, a recording shadow upstream.
+//! Copies are sent asynchronously, so tests wait (bounded) for them to arrive and for
+//! counters to settle.
+
+use std::time::{Duration, Instant};
+
+use meshcanary_e2e::{
+    assert_no_wasm_failure, Behaviour, Cluster, Envoy, EnvoyConfig, FilterSource, Upstream,
+};
+use serde_json::{json, Value};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+struct Setup {
+    envoy: Envoy,
+    stable: Upstream,
+    canary: Upstream,
+    shadow: Upstream,
+}
+
+/// Envoy with `stable`, `canary` and `shadow` clusters and a policy whose `mirror`
+/// section is `mirror` (the cluster defaults to `shadow`).
+async fn start(mirror: Value, shadow: Behaviour, concurrency: u32) -> Setup {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let shadow = Upstream::start_with("shadow", shadow).await;
+    let mut mirror = mirror;
+    if mirror.get("cluster").is_none() {
+        mirror["cluster"] = json!("shadow");
+    }
+    let policy = json!({
+        "name": "shop",
+        "variants": ["stable", "canary"],
+        "rules": [{"name": "qa", "when": [{"header": "x-canary", "equals": "always"}], "variant": "canary"}],
+        "mirror": mirror
+    });
+    let mut config = EnvoyConfig::stable_canary(
+        FilterSource::Inline(policy.to_string()),
+        stable.addr,
+        canary.addr,
+    );
+    config.clusters.push(Cluster {
+        name: "shadow".into(),
+        addr: shadow.addr,
+    });
+    config.concurrency = concurrency;
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    Setup {
+        envoy,
+        stable,
+        canary,
+        shadow,
+    }
+}
+
+fn stat(name: &str) -> String {
+    format!("wasmcustom.meshcanary.shop.shadow.{name}")
+}
+
+async fn send(
+    envoy: &Envoy,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> (u16, String, Vec<u8>) {
+    let method = reqwest::Method::from_bytes(method.as_bytes()).expect("method");
+    let mut request = envoy.client().request(method, envoy.url(path)).body(body);
+    for (n, v) in headers {
+        request = request.header(*n, *v);
+    }
+    let response = request.send().await.expect("request through envoy");
+    let status = response.status().as_u16();
+    let upstream = response
+        .headers()
+        .get("x-upstream")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
+    (
+        status,
+        upstream,
+        response.bytes().await.expect("body").to_vec(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_get_is_copied_faithfully_without_credentials_and_marked() {
+    let s = start(
+        json!({"strip_headers": ["x-session-token"]}),
+        Behaviour::default(),
+        2,
+    )
+    .await;
+    let body = b"query body \x00\x01".to_vec();
+    let (status, upstream, answer) = send(
+        &s.envoy,
+        "GET",
+        "/search?q=shoes&page=2",
+        &[
+            ("host", "checkout.local:8080"),
+            ("authorization", "Bearer secret"),
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("cookie", "session=abc"),
+            ("x-api-key", "k-123"),
+            ("x-session-token", "t-456"),
+            ("x-trace", "keep-me"),
+        ],
+        body.clone(),
+    )
+    .await;
+    assert_eq!(
+        (status, upstream.as_str(), answer.as_slice()),
+        (200, "stable", &b"stable\n"[..])
+    );
+    assert_eq!(
+        s.shadow.wait_for(1, WAIT).await,
+        1,
+        "the shadow got one copy"
+    );
+    let copy = &s.shadow.requests()[0];
+    let primary = &s.stable.requests()[0];
+    assert_eq!(copy.method, "GET");
+    assert_eq!(copy.path, "/search?q=shoes&page=2");
+    assert_eq!(copy.body, body, "same body, byte for byte");
+    assert_eq!(copy.header("x-meshcanary-shadow").as_deref(), Some("1"));
+    assert_eq!(
+        copy.header("host").as_deref(),
+        Some("checkout.local-shadow:8080")
+    );
+    assert_eq!(copy.header("x-trace").as_deref(), Some("keep-me"));
+    for credential in [
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "x-api-key",
+        "x-session-token",
+    ] {
+        assert_eq!(
+            copy.header(credential),
+            None,
+            "{credential} reached the shadow"
+        );
+        assert!(
+            primary.header(credential).is_some(),
+            "{credential} still reaches the primary"
+        );
+    }
+    assert_eq!(
+        primary.header("x-meshcanary-shadow"),
+        None,
+        "the primary is not marked"
+    );
+    assert_eq!(
+        s.envoy.wait_counter(&stat("sent"), WAIT, |v| v == 1).await,
+        1
+    );
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_are_not_copied_unless_listed() {
+    let s = start(json!({}), Behaviour::default(), 2).await;
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        let (status, upstream, _) = send(
+            &s.envoy,
+            method,
+            "/orders",
+            &[],
+            b"{\"charge\": 10}".to_vec(),
+        )
+        .await;
+        assert_eq!((status, upstream.as_str()), (200, "stable"));
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("skipped.method"), WAIT, |v| v == 4)
+            .await,
+        4
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.shadow.count(), 0, "no write reached the shadow");
+    drop(s);
+
+    let s = start(
+        json!({"methods": ["GET", "post", "PUT", "PATCH", "DELETE"]}),
+        Behaviour::default(),
+        2,
+    )
+    .await;
+    for method in ["POST", "PUT", "PATCH", "DELETE"] {
+        send(
+            &s.envoy,
+            method,
+            "/orders",
+            &[],
+            b"{\"charge\": 10}".to_vec(),
+        )
+        .await;
+    }
+    assert_eq!(s.shadow.wait_for(4, WAIT).await, 4);
+    let mut methods: Vec<String> = s
+        .shadow
+        .requests()
+        .iter()
+        .map(|r| r.method.clone())
+        .collect();
+    methods.sort();
+    assert_eq!(methods, ["DELETE", "PATCH", "POST", "PUT"]);
+    for copy in s.shadow.requests() {
+        assert_eq!(copy.header("x-meshcanary-shadow").as_deref(), Some("1"));
+        assert_eq!(copy.body, b"{\"charge\": 10}");
+    }
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_shadow_never_delays_the_primary() {
+    let slow = Behaviour {
+        delay: Duration::from_secs(2),
+        ..Behaviour::default()
+    };
+    let s = start(json!({"timeout_ms": 3000}), slow, 2).await;
+    let mut latencies = Vec::with_capacity(500);
+    let started = Instant::now();
+    for i in 0..500 {
+        let t = Instant::now();
+        let (status, upstream, _) =
+            send(&s.envoy, "GET", &format!("/item/{i}"), &[], Vec::new()).await;
+        latencies.push(t.elapsed());
+        assert_eq!((status, upstream.as_str()), (200, "stable"));
+    }
+    let total = started.elapsed();
+    latencies.sort();
+    let p50 = latencies[latencies.len() / 2];
+    let p99 = latencies[latencies.len() * 99 / 100];
+    println!("primary latency with a 2 s shadow: p50 {p50:?}, p99 {p99:?}, max {:?}, 500 requests in {total:?}", latencies[499]);
+    // Far below the shadow's 2 s: the copy is sent after the primary moved on.
+    assert!(p99 < Duration::from_millis(250), "p99 {p99:?}");
+    assert!(total < Duration::from_secs(30), "total {total:?}");
+    let sent = s.envoy.counter(&stat("sent")).await;
+    let limited = s.envoy.counter(&stat("skipped.in_flight_limit")).await;
+    assert!(
+        sent > 0 && sent + limited == 500,
+        "sent {sent} + limited {limited}"
+    );
+    // Every copy outlived its (long finished) primary stream and got the shadow's answer.
+    let answered = s
+        .envoy
+        .wait_counter(&stat("responses.2xx"), WAIT, |v| v == sent)
+        .await;
+    assert_eq!(answered, sent, "copies cancelled with their primaries");
+    assert_eq!(s.envoy.counter(&stat("timed_out")).await, 0);
+    println!("copies sent {sent}, answered {answered}, skipped at the in-flight limit {limited}");
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shadow_failures_never_touch_the_primary_and_are_counted() {
+    // 500s from the shadow.
+    let s = start(
+        json!({}),
+        Behaviour {
+            status: 500,
+            ..Behaviour::default()
+        },
+        2,
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(send(&s.envoy, "GET", "/", &[], Vec::new()).await.0, 200);
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("responses.5xx"), WAIT, |v| v == 20)
+            .await,
+        20
+    );
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("status_mismatch"), WAIT, |v| v == 20)
+            .await,
+        20
+    );
+    drop(s);
+
+    // The shadow resets every connection.
+    let s = start(
+        json!({}),
+        Behaviour {
+            reset: true,
+            ..Behaviour::default()
+        },
+        2,
+    )
+    .await;
+    for _ in 0..20 {
+        let (status, upstream, body) = send(&s.envoy, "GET", "/", &[], Vec::new()).await;
+        assert_eq!(
+            (status, upstream.as_str(), body.as_slice()),
+            (200, "stable", &b"stable\n"[..])
+        );
+    }
+    let failed = s
+        .envoy
+        .wait_counter(&stat("failed"), WAIT, |v| v == 20)
+        .await;
+    let five_xx = s.envoy.counter(&stat("responses.5xx")).await;
+    // Envoy may turn a reset into its own 503 for the call, or report no response.
+    println!("resetting shadow: failed {failed}, 5xx {five_xx}");
+    assert_eq!(failed + five_xx, 20, "failed {failed}, 5xx {five_xx}");
+    drop(s);
+
+    // A cluster that does not exist.
+    let s = start(
+        json!({"cluster": "no-such-cluster"}),
+        Behaviour::default(),
+        2,
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(send(&s.envoy, "GET", "/", &[], Vec::new()).await.0, 200);
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("failed"), WAIT, |v| v == 20)
+            .await,
+        20
+    );
+    assert_eq!(s.envoy.counter(&stat("sent")).await, 0);
+    assert_eq!(s.stable.count(), 20);
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_bodies_are_skipped_and_binary_bodies_arrive_exact() {
+    let s = start(
+        json!({"methods": ["POST"], "max_body_bytes": 65536}),
+        Behaviour::default(),
+        2,
+    )
+    .await;
+    let binary: Vec<u8> = (0..=255u8).cycle().take(60_000).collect();
+    let large: Vec<u8> = (0..=255u8).rev().cycle().take(200_000).collect();
+    let (status, upstream, _) = send(&s.envoy, "POST", "/upload", &[], binary.clone()).await;
+    assert_eq!((status, upstream.as_str()), (200, "stable"));
+    let (status, _, _) = send(&s.envoy, "POST", "/upload", &[], large.clone()).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("skipped.body_too_large"), WAIT, |v| v == 1)
+            .await,
+        1
+    );
+    assert_eq!(s.shadow.wait_for(1, WAIT).await, 1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.shadow.count(), 1, "the large body was not copied");
+    assert_eq!(
+        s.shadow.requests()[0].body,
+        binary,
+        "byte-exact binary body"
+    );
+    let primary_bodies: Vec<usize> = s.stable.requests().iter().map(|r| r.body.len()).collect();
+    assert_eq!(
+        primary_bodies,
+        [60_000, 200_000],
+        "the primary got both bodies whole"
+    );
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn percent_50_copies_half_of_the_eligible_requests() {
+    let s = start(json!({"percent": 50}), Behaviour::default(), 2).await;
+    for i in 0..2000 {
+        send(&s.envoy, "GET", &format!("/p/{i}"), &[], Vec::new()).await;
+    }
+    let sampled_out = s.envoy.counter(&stat("skipped.sampled_out")).await;
+    let sent = s
+        .envoy
+        .wait_counter(&stat("sent"), WAIT, |v| v + sampled_out == 2000)
+        .await;
+    let share = sent as f64 / 2000.0;
+    println!("percent 50: {sent} of 2000 copied ({:.1} %)", share * 100.0);
+    assert_eq!(sent + sampled_out, 2000);
+    assert!((share - 0.5).abs() <= 0.05, "share {share}");
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_shadow_holds_at_most_max_in_flight_copies() {
+    let stalled = Behaviour {
+        delay: Duration::from_secs(3),
+        ..Behaviour::default()
+    };
+    // One worker, so the per-worker limit is the whole limit.
+    let s = start(json!({"max_in_flight": 5, "timeout_ms": 5000}), stalled, 1).await;
+    for i in 0..50 {
+        assert_eq!(
+            send(&s.envoy, "GET", &format!("/s/{i}"), &[], Vec::new())
+                .await
+                .0,
+            200
+        );
+    }
+    assert_eq!(s.envoy.counter(&stat("skipped.in_flight_limit")).await, 45);
+    assert_eq!(s.shadow.wait_for(5, WAIT).await, 5);
+    assert_eq!(s.envoy.counter(&stat("sent")).await, 5);
+    assert!(
+        s.shadow.max_in_flight() <= 5,
+        "max in flight {}",
+        s.shadow.max_in_flight()
+    );
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compare_counts_status_and_body_differences() {
+    // Same status class, different body (the shadow answers with its own name).
+    let s = start(json!({"compare": "body"}), Behaviour::default(), 2).await;
+    for _ in 0..10 {
+        send(&s.envoy, "GET", "/", &[], Vec::new()).await;
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("body_mismatch"), WAIT, |v| v == 10)
+            .await,
+        10
+    );
+    assert_eq!(s.envoy.counter(&stat("status_match")).await, 10);
+    // Now an identical body.
+    s.shadow.set_behaviour(Behaviour {
+        body: Some(b"stable\n".to_vec()),
+        ..Behaviour::default()
+    });
+    for _ in 0..10 {
+        send(&s.envoy, "GET", "/", &[], Vec::new()).await;
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("body_match"), WAIT, |v| v == 10)
+            .await,
+        10
+    );
+    assert_eq!(s.envoy.counter(&stat("status_match")).await, 20);
+    // A different status class.
+    s.shadow.set_behaviour(Behaviour {
+        status: 404,
+        ..Behaviour::default()
+    });
+    for _ in 0..10 {
+        send(&s.envoy, "GET", "/", &[], Vec::new()).await;
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("status_mismatch"), WAIT, |v| v == 10)
+            .await,
+        10
+    );
+    assert_eq!(
+        s.envoy.counter(&stat("body_mismatch")).await,
+        10,
+        "unchanged"
+    );
+    drop(s);
+
+    // compare: "status" counts equal classes as matches and never looks at bodies.
+    let s = start(json!({"compare": "status"}), Behaviour::default(), 2).await;
+    for _ in 0..10 {
+        send(&s.envoy, "GET", "/", &[], Vec::new()).await;
+    }
+    assert_eq!(
+        s.envoy
+            .wait_counter(&stat("status_match"), WAIT, |v| v == 10)
+            .await,
+        10
+    );
+    assert_eq!(s.envoy.counter(&stat("body_mismatch")).await, 0);
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_carrying_the_marker_is_not_copied_again_nor_counted_as_live() {
+    let s = start(json!({}), Behaviour::default(), 2).await;
+    for _ in 0..5 {
+        let (status, upstream, _) = send(
+            &s.envoy,
+            "GET",
+            "/",
+            &[("x-meshcanary-shadow", "1")],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(
+            (status, upstream.as_str()),
+            (200, "stable"),
+            "a copy is still routed"
+        );
+    }
+    assert_eq!(s.envoy.counter(&stat("skipped.marked")).await, 5);
+    assert_eq!(
+        s.envoy
+            .counter("wasmcustom.meshcanary.shop.variant.stable.requests")
+            .await,
+        0
+    );
+    assert_eq!(
+        s.envoy
+            .counter("wasmcustom.meshcanary.shop.variant.stable.responses.2xx")
+            .await,
+        0
+    );
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(s.shadow.count(), 0);
+    assert_eq!(s.envoy.counter(&stat("sent")).await, 0);
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn routing_decides_first_and_a_canary_request_is_still_copied() {
+    let s = start(json!({}), Behaviour::default(), 2).await;
+    let (status, upstream, _) =
+        send(&s.envoy, "GET", "/", &[("x-canary", "always")], Vec::new()).await;
+    assert_eq!((status, upstream.as_str()), (200, "canary"));
+    assert_eq!(s.shadow.wait_for(1, WAIT).await, 1);
+    let copy = &s.shadow.requests()[0];
+    // The copy carries the primary's routing decision.
+    assert_eq!(
+        copy.header("x-meshcanary-variant").as_deref(),
+        Some("canary")
+    );
+    assert_eq!(s.canary.count(), 1);
+    assert_eq!(s.stable.count(), 0);
+    assert_no_wasm_failure(&s.envoy.log());
+}
