@@ -28,7 +28,8 @@ impl fmt::Display for ConfigError {
 pub struct ConfigErrors(pub Vec<ConfigError>);
 
 impl ConfigErrors {
-    pub(crate) fn push(&mut self, path: &str, message: impl Into<String>) {
+    /// Records a problem.
+    pub fn push(&mut self, path: &str, message: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.to_string(),
             message: message.into(),

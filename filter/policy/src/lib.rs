@@ -15,9 +15,11 @@ pub mod decide;
 pub mod error;
 pub mod mirror;
 pub mod policy;
+pub mod walk;
 
 pub use bucket::HashKind;
 pub use decide::{Decision, Placement, RequestInputs};
 pub use error::{ConfigError, ConfigErrors};
 pub use mirror::{Compare, Mirror, MirrorChoice, SkipReason};
 pub use policy::{Action, Condition, MissingKey, Policy, Rule, Split, SplitKey, Subject, Test};
+pub use walk::Walker;

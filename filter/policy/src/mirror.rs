@@ -448,7 +448,13 @@ impl Decoder {
         let mut out = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
-            match self.header_name(item, &format!("{}[{}]", path, i)) {
+            let item_path = format!("{}[{}]", path, i);
+            match self.header_name(item, &item_path) {
+                // A copy without `:method`, `:path` or `:scheme` cannot be sent at all.
+                Some(h) if h.starts_with(':') => {
+                    self.error(&item_path, "must not be a pseudo-header");
+                    ok = false;
+                }
                 Some(h) => out.push(h),
                 None => ok = false,
             }

@@ -6,11 +6,13 @@
 //! header names lower-cased, variants resolved to indices, weights checked, request
 //! inputs de-duplicated, so nothing is parsed or looked up by name per request.
 
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::bucket::{HashKind, Weights};
 use crate::error::ConfigErrors;
 use crate::mirror::Mirror;
+use crate::walk::Walker;
+pub(crate) use crate::walk::{join, kind};
 
 /// Default name of the request header that carries the decision.
 pub const DEFAULT_DECISION_HEADER: &str = "x-meshcanary-variant";
@@ -144,8 +146,8 @@ impl Policy {
         let mut cx = Decoder::default();
         let policy = cx.policy(value);
         match policy {
-            Some(policy) if cx.errors.is_empty() => Ok(policy),
-            _ => Err(cx.errors),
+            Some(policy) if cx.walker.errors.is_empty() => Ok(policy),
+            _ => Err(cx.walker.errors),
         }
     }
 
@@ -163,10 +165,24 @@ impl Policy {
 /// Walks a JSON document, collecting errors with their paths.
 #[derive(Default)]
 pub(crate) struct Decoder {
-    errors: ConfigErrors,
+    /// Collects errors with their paths (shared with the controller's spec reader).
+    walker: Walker,
     inputs: Vec<String>,
     /// The policy's name once decoded; default salts are derived from it.
     policy_name: Option<String>,
+}
+
+impl std::ops::Deref for Decoder {
+    type Target = Walker;
+    fn deref(&self) -> &Walker {
+        &self.walker
+    }
+}
+
+impl std::ops::DerefMut for Decoder {
+    fn deref_mut(&mut self) -> &mut Walker {
+        &mut self.walker
+    }
 }
 
 const POLICY_FIELDS: &[&str] = &["name", "decision_header", "variants", "rules", "mirror"];
@@ -177,58 +193,6 @@ const SUBJECTS: &[&str] = &["header", "cookie", "query"];
 const TESTS: &[&str] = &["equals", "prefix", "in", "present"];
 
 impl Decoder {
-    pub(crate) fn error(&mut self, path: &str, message: impl Into<String>) {
-        self.errors.push(path, message);
-    }
-
-    /// The object at `path`, after reporting fields not in `allowed`.
-    pub(crate) fn object<'v>(
-        &mut self,
-        value: &'v Value,
-        path: &str,
-        allowed: &[&str],
-    ) -> Option<&'v Map<String, Value>> {
-        let map = match value.as_object() {
-            Some(map) => map,
-            None => {
-                self.error(path, format!("expected an object, found {}", kind(value)));
-                return None;
-            }
-        };
-        for key in map.keys() {
-            if !allowed.contains(&key.as_str()) {
-                self.error(
-                    &join(path, key),
-                    format!("unknown field; expected one of: {}", allowed.join(", ")),
-                );
-            }
-        }
-        Some(map)
-    }
-
-    pub(crate) fn string<'v>(&mut self, value: &'v Value, path: &str) -> Option<&'v str> {
-        match value.as_str() {
-            Some(s) => Some(s),
-            None => {
-                self.error(path, format!("expected a string, found {}", kind(value)));
-                None
-            }
-        }
-    }
-
-    pub(crate) fn required<'v>(
-        &mut self,
-        map: &'v Map<String, Value>,
-        path: &str,
-        field: &str,
-    ) -> Option<&'v Value> {
-        let found = map.get(field);
-        if found.is_none() {
-            self.error(&join(path, field), "required field is missing");
-        }
-        found
-    }
-
     /// A name used in metrics: `[a-z0-9_-]{1,64}`.
     pub(crate) fn name(&mut self, value: &Value, path: &str) -> Option<String> {
         let s = self.string(value, path)?;
@@ -833,23 +797,4 @@ fn is_unconditional_split(rule: &Value) -> bool {
 /// RFC 9110 token characters (header and cookie names).
 pub(crate) fn is_token_byte(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
-}
-
-pub(crate) fn join(path: &str, field: &str) -> String {
-    if path.is_empty() {
-        field.to_string()
-    } else {
-        format!("{}.{}", path, field)
-    }
-}
-
-pub(crate) fn kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "a list",
-        Value::Object(_) => "an object",
-    }
 }
