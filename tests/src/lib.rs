@@ -3,13 +3,22 @@
 //!
 //! Envoy comes from the project venv (`make envoy`) and the module from `make wasm`;
 //! `MESHCANARY_ENVOY` and `MESHCANARY_WASM` override them.
+//!
+//! The crate also builds the two programs the demo and the controller's tests run as
+//! processes: `meshcanary-upstream` (this upstream, with a share of errors and slow
+//! answers changeable over HTTP) and `meshcanary-load` (a bounded, paced load generator
+//! for loopback only); see `src/bin/`.
 
+pub mod controller;
 pub mod envoy;
 pub mod paths;
+pub mod prometheus;
 pub mod upstream;
 
 pub use envoy::{write_ecds, Cluster, Envoy, EnvoyConfig, FilterSource, FILTER_NAME};
-pub use upstream::{Behaviour, Recorded, Upstream, UPSTREAM_HEADER};
+pub use upstream::{
+    Behaviour, Options, Recorded, Stats, Upstream, CONTROL_PATH, STATS_PATH, UPSTREAM_HEADER,
+};
 
 /// The answer to one request, reduced to what tests compare.
 #[derive(Debug, Clone, PartialEq, Eq)]

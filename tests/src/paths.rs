@@ -24,3 +24,11 @@ pub fn wasm() -> PathBuf {
         .map(PathBuf::from)
         .unwrap_or_else(|| repo().join("target/wasm/meshcanary_filter.wasm"))
 }
+
+/// The controller binary: `$MESHCANARY_BIN`, else the workspace's debug build
+/// (`cargo build -p meshcanary`, which `make test` runs first).
+pub fn meshcanary_bin() -> PathBuf {
+    std::env::var_os("MESHCANARY_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/debug/meshcanary"))
+}

@@ -1,0 +1,305 @@
+//! `meshcanary`: the controller's command line. It only wires; the work is in the library.
+//!
+//! Exit codes (a public contract): 0 promoted (canary at 100 %), 3 rolled back or
+//! aborted (canary at 0 %), 2 invalid spec or usage, 1 anything else.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshcanary_controller::output::{Format, Output};
+use meshcanary_controller::rollout::{self, Outcome, RunError};
+use meshcanary_controller::sink::ecds_file::EcdsFile;
+use meshcanary_controller::sink::ConfigSink;
+use meshcanary_controller::source::envoy_admin::EnvoyAdmin;
+use meshcanary_controller::source::prometheus::Prometheus;
+use meshcanary_controller::source::{MetricSource, Query, Snapshot, SourceError};
+use meshcanary_controller::spec::{RolloutSpec, SinkSpec, SourceSpec};
+use meshcanary_policy::Policy;
+use serde_json::json;
+
+const EXIT_FAILURE: u8 = 1;
+const EXIT_INVALID: u8 = 2;
+
+/// Safe canary releases in a service mesh: judge a canary from its metrics, promote it
+/// step by step, roll it back automatically.
+#[derive(Parser)]
+#[command(name = "meshcanary", version)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+    /// Output format of progress and results.
+    #[arg(long, value_enum, default_value = "text", global = true)]
+    output: Format,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Drive one rollout to its end (exit 0 promoted, 3 rolled back).
+    Run {
+        /// The rollout spec (YAML).
+        spec: PathBuf,
+    },
+    /// Check a policy (.json) or a rollout spec (.yaml); print every problem with its path.
+    Validate {
+        /// The file to check.
+        file: PathBuf,
+    },
+    /// Show where a rollout stands.
+    Status {
+        /// The rollout spec.
+        spec: PathBuf,
+    },
+    /// Send the canary to 0 % now; a running controller stops at its next tick.
+    Abort {
+        /// The rollout spec.
+        spec: PathBuf,
+    },
+    /// Print exactly what the sink would write for the rollout's current state.
+    Render {
+        /// The rollout spec.
+        spec: PathBuf,
+    },
+}
+
+/// The configured metric source.
+enum Source {
+    EnvoyAdmin(EnvoyAdmin),
+    Prometheus(Prometheus),
+}
+
+impl MetricSource for Source {
+    async fn read(&self, query: &Query) -> Result<Snapshot, SourceError> {
+        match self {
+            Source::EnvoyAdmin(s) => s.read(query).await,
+            Source::Prometheus(s) => s.read(query).await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Source::EnvoyAdmin(s) => s.describe(),
+            Source::Prometheus(s) => s.describe(),
+        }
+    }
+}
+
+fn source(spec: &RolloutSpec) -> Source {
+    let client = reqwest::Client::new();
+    match &spec.source {
+        SourceSpec::EnvoyAdmin(urls) => Source::EnvoyAdmin(EnvoyAdmin::new(urls.clone(), client)),
+        SourceSpec::Prometheus { url } => Source::Prometheus(Prometheus::new(url.clone(), client)),
+    }
+}
+
+fn sink(spec: &RolloutSpec) -> EcdsFile {
+    match &spec.sink {
+        SinkSpec::EcdsFile(ecds) => EcdsFile::new(ecds.clone()),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            // Help and version are not usage errors.
+            return if e.use_stderr() {
+                ExitCode::from(EXIT_INVALID)
+            } else {
+                ExitCode::SUCCESS
+            };
+        }
+    };
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let mut out = Output::new(cli.output);
+    match cli.command {
+        Command::Validate { file } => validate(&file, &mut out),
+        Command::Run { spec } => with_spec(&spec, &mut out, run).await,
+        Command::Status { spec } => with_spec(&spec, &mut out, status).await,
+        Command::Abort { spec } => with_spec(&spec, &mut out, abort).await,
+        Command::Render { spec } => with_spec(&spec, &mut out, render).await,
+    }
+}
+
+/// Loads the spec (exit 2 with every problem when invalid) and runs `command` on it.
+async fn with_spec<F>(file: &Path, out: &mut Output, command: F) -> ExitCode
+where
+    F: AsyncFnOnce(&RolloutSpec, &mut Output) -> ExitCode,
+{
+    match RolloutSpec::load(file) {
+        Ok(spec) => command(&spec, out).await,
+        Err(errors) => {
+            report_invalid(file, &errors, out);
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+fn report_invalid(file: &Path, errors: &meshcanary_policy::ConfigErrors, out: &mut Output) {
+    let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
+    for problem in &problems {
+        eprintln!("{}: {}", file.display(), problem);
+    }
+    out.event(
+        "invalid",
+        format!("{}: {} problem(s)", file.display(), problems.len()),
+        json!({"file": file, "problems": problems}),
+    );
+}
+
+fn validate(file: &Path, out: &mut Output) -> ExitCode {
+    let is_policy = file.extension().is_some_and(|e| e == "json");
+    let result = if is_policy {
+        std::fs::read(file)
+            .map_err(|e| {
+                let mut errors = meshcanary_policy::ConfigErrors::default();
+                errors.push("", format!("cannot read {}: {}", file.display(), e));
+                errors
+            })
+            .and_then(|bytes| Policy::from_json(&bytes).map(|_| ()))
+    } else {
+        RolloutSpec::load(file).map(|_| ())
+    };
+    match result {
+        Ok(()) => {
+            let kind = if is_policy { "policy" } else { "rollout spec" };
+            out.event(
+                "valid",
+                format!("{}: valid {}", file.display(), kind),
+                json!({"file": file}),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(errors) => {
+            report_invalid(file, &errors, out);
+            ExitCode::from(EXIT_INVALID)
+        }
+    }
+}
+
+async fn run(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
+    let started = std::time::Instant::now();
+    let result = rollout::run(spec, &source(spec), &sink(spec), out, shutdown_signal()).await;
+    match result {
+        Ok(outcome) => {
+            let code = outcome.exit_code();
+            let message = match &outcome {
+                Outcome::Promoted => "promoted: the canary takes 100 %".to_string(),
+                Outcome::RolledBack(reason) => format!("rolled back: {}", reason),
+                Outcome::Aborted => "aborted: the canary is at 0 %".to_string(),
+            };
+            out.event(
+                "finished",
+                format!("{} after {:.1} s", message, started.elapsed().as_secs_f64()),
+                json!({"outcome": format!("{:?}", outcome), "exit_code": code, "seconds": started.elapsed().as_secs_f64()}),
+            );
+            ExitCode::from(code as u8)
+        }
+        Err(e) => {
+            report_error(&e, out);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+fn report_error(e: &RunError, out: &mut Output) {
+    eprintln!("meshcanary: {}", e);
+    out.event("error", e.to_string(), json!({"error": e.to_string()}));
+}
+
+async fn status(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
+    match sink(spec).load().await {
+        Ok(Some(record)) => {
+            let steps = &spec.judge.steps;
+            let aborted = sink(spec).abort_marked().await.unwrap_or(false);
+            out.event(
+                "status",
+                format!(
+                    "{}: phase {:?}{}, step {} of {}, canary at {} % (applied {} %, version {}); {}",
+                    record.rollout.policy,
+                    record.state.phase,
+                    if aborted { " (abort requested)" } else { "" },
+                    record.state.step + 1,
+                    steps.len(),
+                    record.state.current_weight(steps),
+                    record.applied_weight,
+                    record.generation,
+                    record.state.reason
+                ),
+                json!({"record": record, "abort_requested": aborted}),
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(None) => {
+            out.event("status", "not started".to_string(), json!({"record": null}));
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            report_error(&RunError::Sink(e), out);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn abort(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
+    match rollout::abort(spec, &sink(spec), out).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            report_error(&e, out);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn render(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
+    let sink = sink(spec);
+    let record = match sink.load().await {
+        Ok(Some(record)) => record,
+        Ok(None) => meshcanary_controller::sink::Record {
+            rollout: rollout::rollout_id(spec),
+            applied_weight: 0,
+            generation: 1,
+            state: meshcanary_controller::verdict::State::start(rollout::now()),
+            updated_unix_ms: 0,
+        },
+        Err(e) => {
+            report_error(&RunError::Sink(e), out);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let weight = record.state.current_weight(&spec.judge.steps);
+    let rendered = rollout::policy_at(spec, weight)
+        .map_err(|e| e.to_string())
+        .and_then(|policy| sink.render(&policy, &record).map_err(|e| e.to_string()));
+    match rendered {
+        Ok(text) => {
+            println!("{}", text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshcanary: {}", e);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// Resolves on SIGINT or SIGTERM: the rollout saves its record and stops, resumable.
+async fn shutdown_signal() {
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate => {}
+    }
+}

@@ -1,0 +1,423 @@
+//! Driving one rollout: read metrics, judge, apply, persist — one tick at a time.
+//!
+//! Side effects live here; the decision does not (it is [`crate::verdict::judge`]). The
+//! record written with every step is what makes a restart resume at the same step, and
+//! the sink's claim is what keeps a second controller from writing.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde_json::{json, Value};
+
+use crate::output::Output;
+use crate::render::with_canary_weight;
+use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
+use crate::source::{MetricSource, Query, Snapshot};
+use crate::spec::RolloutSpec;
+use crate::verdict::{self, Counters, Observation, Phase, State, Verdict};
+
+/// How a rollout ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// The canary takes 100 %.
+    Promoted,
+    /// The canary was rolled back to 0 % by the verdict.
+    RolledBack(String),
+    /// An operator aborted it (`meshcanary abort`); the canary is at 0 %.
+    Aborted,
+}
+
+impl Outcome {
+    /// The CLI's exit code: 0 promoted, 3 rolled back or aborted.
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            Outcome::Promoted => 0,
+            Outcome::RolledBack(_) | Outcome::Aborted => 3,
+        }
+    }
+}
+
+/// Why a rollout could not be driven.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The sink failed in a way retrying will not fix.
+    #[error(transparent)]
+    Sink(#[from] SinkError),
+    /// The saved record belongs to another rollout.
+    #[error(
+        "the saved record is for rollout {found:?}, not {expected:?}; remove it to start this one"
+    )]
+    OtherRollout {
+        /// The record's rollout.
+        found: Box<RolloutId>,
+        /// This spec's rollout.
+        expected: Box<RolloutId>,
+    },
+    /// The policy cannot be rendered for a weight.
+    #[error("cannot render the policy: {0}")]
+    Render(String),
+    /// Stopped by a signal; the record is saved and `run` resumes it.
+    #[error("stopped by a signal at step {step}; run again to resume")]
+    Interrupted {
+        /// The step the rollout is at.
+        step: usize,
+    },
+}
+
+/// Wall-clock time since the Unix epoch: the engine's clock, so that persisted step
+/// clocks mean the same after a restart.
+pub fn now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn unix_ms() -> u64 {
+    u64::try_from(now().as_millis()).unwrap_or(u64::MAX)
+}
+
+/// The rollout's identity, from the spec.
+pub fn rollout_id(spec: &RolloutSpec) -> RolloutId {
+    RolloutId {
+        policy: spec.policy.name.clone(),
+        split_rule: spec.split_rule.clone(),
+        canary: spec.canary.clone(),
+    }
+}
+
+/// The policy document at a canary weight.
+pub fn policy_at(spec: &RolloutSpec, weight: u32) -> Result<Value, RunError> {
+    with_canary_weight(
+        &spec.policy_document,
+        &spec.split_rule,
+        &spec.canary,
+        weight,
+    )
+    .map_err(RunError::Render)
+}
+
+/// What the source is asked for.
+pub fn query(spec: &RolloutSpec) -> Query {
+    let mut variants = vec![spec.canary.clone()];
+    variants.extend(spec.baseline());
+    Query {
+        policy: spec.policy.name.clone(),
+        variants,
+        latency_threshold_ms: u64::from(spec.judge.analysis.latency_threshold_ms),
+    }
+}
+
+/// The engine's observation from a snapshot: the canary, and the baseline summed.
+pub fn observation(spec: &RolloutSpec, at: Duration, snapshot: Option<&Snapshot>) -> Observation {
+    let snapshot = match snapshot {
+        Some(s) => s,
+        None => {
+            return Observation {
+                now: at,
+                canary: None,
+                baseline: None,
+            }
+        }
+    };
+    let counters = |names: &[String]| {
+        let (mut responses, mut errors, mut slow) = (0, 0, 0);
+        for name in names {
+            if let Some(c) = snapshot.variants.get(name) {
+                responses += c.responses;
+                errors += c.errors;
+                slow += c.slow;
+            }
+        }
+        Counters::new(responses, errors, slow)
+    };
+    Observation {
+        now: at,
+        canary: Some(counters(std::slice::from_ref(&spec.canary))),
+        baseline: Some(counters(&spec.baseline())),
+    }
+}
+
+/// Drives a rollout to its end. `stop` resolves when the process is asked to stop.
+pub async fn run<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    let _claim = sink.claim()?;
+    let id = rollout_id(spec);
+    let steps = &spec.judge.steps;
+    let mut record = match sink.load().await? {
+        Some(record) if record.rollout != id => {
+            return Err(RunError::OtherRollout {
+                found: Box::new(record.rollout),
+                expected: Box::new(id),
+            })
+        }
+        Some(mut record) => {
+            out.event(
+                "resume",
+                format!(
+                    "resuming {} at step {} ({} %), phase {:?}",
+                    id.policy,
+                    record.state.step + 1,
+                    record.state.current_weight(steps),
+                    record.state.phase
+                ),
+                json!({"step": record.state.step, "weight": record.state.current_weight(steps)}),
+            );
+            // Nobody looked while no controller ran: the no-data clock restarts now.
+            record.state.last_data_at = record.state.last_data_at.max(now());
+            record
+        }
+        None => {
+            let state = State::start(now());
+            out.event(
+                "start",
+                format!(
+                    "rollout of {:?} in {} rule {:?}: steps {:?} %, reading {}, writing {}",
+                    spec.canary,
+                    id.policy,
+                    spec.split_rule,
+                    steps,
+                    source.describe(),
+                    sink.describe()
+                ),
+                json!({"steps": steps, "canary": spec.canary, "baseline": spec.baseline()}),
+            );
+            Record {
+                rollout: id.clone(),
+                applied_weight: 0,
+                generation: 0,
+                state,
+                updated_unix_ms: unix_ms(),
+            }
+        }
+    };
+    if record.generation == 0 {
+        // A new rollout: an abort mark left by an earlier one does not apply to it.
+        sink.set_abort_mark(false).await?;
+    } else if sink.abort_marked().await? {
+        record.state.abort();
+    }
+    if let Some(outcome) = finished(&record) {
+        out.event(
+            "finished",
+            format!("already finished: {:?}", outcome),
+            json!({"outcome": format!("{:?}", outcome)}),
+        );
+        return Ok(outcome);
+    }
+    // (Re)apply the current step's weight, so the file matches the record whatever
+    // happened before; a fresh rollout's step clock starts once Envoy has it.
+    let fresh = record.generation == 0;
+    let weight = record.state.current_weight(steps);
+    apply(spec, sink, out, &mut record, weight).await?;
+    if fresh {
+        record.state.restart_step_clock(now());
+        sink.save(&record).await?;
+    }
+
+    let query = query(spec);
+    let mut ticker = tokio::time::interval(spec.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tokio::pin!(stop);
+    let mut last_hold = String::new();
+    let mut last_hold_at = Duration::ZERO;
+    let mut source_failing = false;
+    loop {
+        tokio::select! {
+            _ = &mut stop => {
+                sink.save(&record).await?;
+                return Err(RunError::Interrupted { step: record.state.step });
+            }
+            _ = ticker.tick() => {}
+        }
+        if sink.abort_marked().await? {
+            out.event(
+                "aborted",
+                "aborted by an operator; the canary is at 0 %".to_string(),
+                json!({}),
+            );
+            return Ok(Outcome::Aborted);
+        }
+        let snapshot = match source.read(&query).await {
+            Ok(s) => {
+                if source_failing {
+                    out.event("source", "metrics readable again".to_string(), json!({}));
+                }
+                source_failing = false;
+                Some(s)
+            }
+            Err(e) => {
+                if !source_failing {
+                    out.event(
+                        "source",
+                        format!("cannot read metrics ({}); holding", e),
+                        json!({"error": e.to_string()}),
+                    );
+                }
+                source_failing = true;
+                None
+            }
+        };
+        let at = now();
+        let (next, verdict) = verdict::judge(
+            &spec.judge,
+            &record.state,
+            &observation(spec, at, snapshot.as_ref()),
+        );
+        let numbers = serde_json::to_value(verdict.numbers()).unwrap_or(Value::Null);
+        match &verdict {
+            Verdict::Hold { .. } => {
+                record.state = next;
+                let line = verdict.to_string();
+                let reason = verdict.reason_text();
+                // One line when the reason changes, and a progress line every 10 s.
+                if reason != last_hold || at.saturating_sub(last_hold_at) >= Duration::from_secs(10)
+                {
+                    out.event(
+                        "hold",
+                        line,
+                        json!({"verdict": "hold", "reason": reason, "numbers": numbers}),
+                    );
+                    last_hold = reason;
+                    last_hold_at = at;
+                }
+                record.updated_unix_ms = unix_ms();
+                sink.save(&record).await?;
+            }
+            Verdict::Promote { to_step, .. } => {
+                out.event(
+                    "promote",
+                    verdict.to_string(),
+                    json!({"verdict": "promote", "to_step": to_step, "numbers": numbers}),
+                );
+                let previous = std::mem::replace(&mut record.state, next);
+                if let Err(e) = apply(spec, sink, out, &mut record, steps[*to_step]).await {
+                    // Not applied: stay at the old step and try again at the next tick.
+                    out.event(
+                        "error",
+                        format!("promotion not applied: {}", e),
+                        json!({"error": e.to_string()}),
+                    );
+                    record.state = previous;
+                    continue;
+                }
+                record.state.restart_step_clock(now());
+                sink.save(&record).await?;
+                last_hold.clear();
+            }
+            Verdict::Complete { .. } => {
+                out.event(
+                    "complete",
+                    verdict.to_string(),
+                    json!({"verdict": "complete", "numbers": numbers}),
+                );
+                record.state = next;
+                apply_until_done(spec, sink, out, &mut record, 100).await;
+                return Ok(Outcome::Promoted);
+            }
+            Verdict::Rollback { reason, .. } => {
+                out.event("rollback", verdict.to_string(), json!({"verdict": "rollback", "reason": reason.to_string(), "numbers": numbers}));
+                record.state = next;
+                apply_until_done(spec, sink, out, &mut record, 0).await;
+                return Ok(Outcome::RolledBack(reason.to_string()));
+            }
+        }
+    }
+}
+
+/// The outcome of a finished record.
+pub fn finished(record: &Record) -> Option<Outcome> {
+    match &record.state.phase {
+        Phase::Progressing => None,
+        Phase::Promoted => Some(Outcome::Promoted),
+        Phase::RolledBack { reason } => Some(Outcome::RolledBack(reason.to_string())),
+        Phase::Aborted => Some(Outcome::Aborted),
+    }
+}
+
+/// Writes the policy at `weight` and waits for the proxies to confirm it.
+async fn apply<K: ConfigSink>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    weight: u32,
+) -> Result<(), RunError> {
+    let policy = policy_at(spec, weight)?;
+    record.generation += 1;
+    record.applied_weight = weight;
+    record.updated_unix_ms = unix_ms();
+    let started = std::time::Instant::now();
+    sink.apply(&policy, record).await?;
+    out.event(
+        "applied",
+        format!("canary at {} % (version {}), confirmed in {} ms", weight, record.generation, started.elapsed().as_millis()),
+        json!({"weight": weight, "generation": record.generation, "confirm_ms": started.elapsed().as_millis()}),
+    );
+    Ok(())
+}
+
+/// A final weight (0 on rollback, 100 on promotion) must land: retried until it does.
+async fn apply_until_done<K: ConfigSink>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    weight: u32,
+) {
+    let mut delay = Duration::from_millis(200);
+    loop {
+        match apply(spec, sink, out, record, weight).await {
+            Ok(()) => return,
+            Err(e) => {
+                out.event(
+                    "error",
+                    format!(
+                        "{} % not applied yet ({}); retrying in {:?}",
+                        weight, e, delay
+                    ),
+                    json!({"error": e.to_string()}),
+                );
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// `meshcanary abort`: the canary to 0 % now, whatever a running controller is doing;
+/// it sees the mark at its next tick and stops.
+pub async fn abort<K: ConfigSink>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+) -> Result<(), RunError> {
+    let id = rollout_id(spec);
+    let mut record = match sink.load().await? {
+        Some(r) if r.rollout != id => {
+            return Err(RunError::OtherRollout {
+                found: Box::new(r.rollout),
+                expected: Box::new(id),
+            })
+        }
+        Some(r) => r,
+        None => Record {
+            rollout: id,
+            applied_weight: 0,
+            generation: 0,
+            state: State::start(now()),
+            updated_unix_ms: unix_ms(),
+        },
+    };
+    // Mark first: a running controller stops before its next write.
+    sink.set_abort_mark(true).await?;
+    record.state.abort();
+    apply(spec, sink, out, &mut record, 0).await
+}

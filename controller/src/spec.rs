@@ -1,0 +1,636 @@
+//! The rollout spec (YAML): which policy and split rule to drive, the steps, the
+//! analysis limits, where metrics come from and where the policy goes.
+//!
+//! Like the policy, the spec is read through a JSON value and validated by a walker that
+//! reports every problem with its path, unknown fields included.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use meshcanary_policy::walk::{join, kind};
+use meshcanary_policy::{Action, ConfigErrors, Policy, Walker};
+use serde_json::{Map, Value};
+
+use crate::verdict::{self, Analysis, OnNoData};
+
+/// Envoy's default histogram bucket boundaries (milliseconds for the filter's latency
+/// histograms). The slow-request test reads the histogram at one of them.
+pub const ENVOY_DEFAULT_BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// A validated rollout spec.
+#[derive(Debug, Clone)]
+pub struct RolloutSpec {
+    /// Where the spec was read from; relative paths in it are relative to its folder.
+    pub file: PathBuf,
+    /// The base policy (as written, so fields the controller does not touch are kept).
+    pub policy_document: Value,
+    /// The base policy, validated.
+    pub policy: Policy,
+    /// Name of the split rule whose weights the controller drives.
+    pub split_rule: String,
+    /// The variant under test; the split's other variants are the baseline.
+    pub canary: String,
+    /// What the verdict depends on: steps (canary percent, increasing, the last 100),
+    /// minimum step time and the analysis limits.
+    pub judge: verdict::Spec,
+    /// Time between two evaluations.
+    pub interval: Duration,
+    /// Where metrics are read.
+    pub source: SourceSpec,
+    /// Where the policy is written.
+    pub sink: SinkSpec,
+}
+
+/// Where metrics are read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceSpec {
+    /// Envoy admin endpoints, summed.
+    EnvoyAdmin(Vec<String>),
+    /// A Prometheus server's HTTP API.
+    Prometheus {
+        /// Base URL, e.g. `http://127.0.0.1:9090`.
+        url: String,
+    },
+}
+
+/// Where the policy is written.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SinkSpec {
+    /// An ECDS file a standalone Envoy watches.
+    EcdsFile(EcdsFileSpec),
+}
+
+/// The ECDS file sink.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EcdsFileSpec {
+    /// The file Envoy watches (`path_config_source.path`).
+    pub path: PathBuf,
+    /// Name of the HTTP filter / ECDS resource (`meshcanary` by default).
+    pub filter_name: String,
+    /// The filter module Envoy loads.
+    pub wasm: PathBuf,
+    /// Envoy admin endpoints that confirm each update (default: the envoy_admin source's).
+    pub admin: Vec<String>,
+}
+
+const SPEC_FIELDS: &[&str] = &[
+    "policy",
+    "split_rule",
+    "canary",
+    "steps",
+    "step_min_duration",
+    "interval",
+    "analysis",
+    "source",
+    "sink",
+];
+const ANALYSIS_FIELDS: &[&str] = &[
+    "error_ceiling",
+    "max_error_rate",
+    "latency_threshold_ms",
+    "max_slow_rate",
+    "min_requests",
+    "alpha",
+    "relative_risk",
+    "no_data_timeout",
+    "on_no_data",
+];
+
+impl RolloutSpec {
+    /// Reads and validates a spec file, reporting every problem at once.
+    pub fn load(file: &Path) -> Result<RolloutSpec, ConfigErrors> {
+        let mut walker = Walker::default();
+        let text = match std::fs::read_to_string(file) {
+            Ok(t) => t,
+            Err(e) => {
+                walker.error("", format!("cannot read {}: {}", file.display(), e));
+                return Err(walker.errors);
+            }
+        };
+        RolloutSpec::parse(&text, file)
+    }
+
+    /// Validates spec text; `file` anchors relative paths and is read for nothing else
+    /// (the base policy is read from disk).
+    pub fn parse(text: &str, file: &Path) -> Result<RolloutSpec, ConfigErrors> {
+        let mut walker = Walker::default();
+        let value: Value = match serde_saphyr::from_str(text) {
+            Ok(v) => v,
+            Err(e) => {
+                walker.error("", format!("not valid YAML: {}", e));
+                return Err(walker.errors);
+            }
+        };
+        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
+        let mut reader = Reader { w: walker, base };
+        let spec = reader.spec(&value, file);
+        reader.w.finish(spec)
+    }
+
+    /// The split rule's variants other than the canary (the baseline), in listing order.
+    pub fn baseline(&self) -> Vec<String> {
+        let rule = self
+            .policy
+            .rule_index(&self.split_rule)
+            .map(|i| &self.policy.rules[i]);
+        match rule.map(|r| &r.action) {
+            Some(Action::Split(split)) => split
+                .variants
+                .iter()
+                .map(|v| self.policy.variants[*v].clone())
+                .filter(|v| *v != self.canary)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+struct Reader {
+    w: Walker,
+    base: PathBuf,
+}
+
+impl Reader {
+    fn spec(&mut self, value: &Value, file: &Path) -> Option<RolloutSpec> {
+        let map = self.w.object(value, "", SPEC_FIELDS)?;
+        let policy_path = self
+            .w
+            .required(map, "", "policy")
+            .and_then(|v| self.w.string(v, "policy"))
+            .map(|p| self.base.join(p));
+        let policy_read = policy_path.and_then(|p| self.policy(&p));
+        let split_rule = self
+            .w
+            .required(map, "", "split_rule")
+            .and_then(|v| self.w.string(v, "split_rule"));
+        let canary = self
+            .w
+            .required(map, "", "canary")
+            .and_then(|v| self.w.string(v, "canary"));
+        if let (Some((_, policy)), Some(rule), Some(canary)) = (&policy_read, split_rule, canary) {
+            self.check_split(policy, rule, canary);
+        }
+        let steps = self
+            .w
+            .required(map, "", "steps")
+            .and_then(|v| self.steps(v));
+        let step_min_duration =
+            self.duration_field(map, "", "step_min_duration", Some(Duration::from_secs(60)));
+        let interval = self.duration_field(map, "", "interval", Some(Duration::from_secs(10)));
+        if let Some(i) = interval {
+            if i < Duration::from_millis(100) {
+                self.w.error("interval", "must be at least 100ms");
+            }
+        }
+        let analysis = match map.get("analysis") {
+            Some(v) => self.analysis(v),
+            None => self.analysis(&Value::Object(Map::new())),
+        };
+        let source = match map.get("source") {
+            None => Some(SourceSpec::EnvoyAdmin(vec![
+                "http://127.0.0.1:9901".to_string()
+            ])),
+            Some(v) => self.source(v),
+        };
+        let sink = self
+            .w
+            .required(map, "", "sink")
+            .and_then(|v| self.sink(v, source.as_ref()));
+        // Ranges and cross-field rules belong to the verdict's own spec; run them on what
+        // could be read (defaults standing in for unreadable fields, whose problems were
+        // already reported) so that every problem shows at once.
+        let judge = verdict::Spec {
+            steps: steps.clone().unwrap_or_else(|| vec![1, 100]),
+            step_min_duration: step_min_duration.unwrap_or(Duration::from_secs(1)),
+            analysis: analysis.clone().map(|(a, _)| a).unwrap_or_default(),
+        };
+        let reported: Vec<String> = self.w.errors.iter().map(|e| e.path.clone()).collect();
+        for problem in judge.problems() {
+            if !reported.iter().any(|p| p.starts_with(&problem.path)) {
+                self.w.error(&problem.path, problem.message);
+            }
+        }
+        let (policy_document, policy) = policy_read?;
+        steps?;
+        step_min_duration?;
+        if !analysis?.1 {
+            return None;
+        }
+        Some(RolloutSpec {
+            file: file.to_path_buf(),
+            policy_document,
+            policy,
+            split_rule: split_rule?.to_string(),
+            canary: canary?.to_string(),
+            judge,
+            interval: interval?,
+            source: source?,
+            sink: sink?,
+        })
+    }
+
+    /// Reads the base policy; its own errors are reported under `policy`.
+    fn policy(&mut self, path: &Path) -> Option<(Value, Policy)> {
+        let bytes = match std::fs::read(path) {
+            Ok(b) => b,
+            Err(e) => {
+                self.w
+                    .error("policy", format!("cannot read {}: {}", path.display(), e));
+                return None;
+            }
+        };
+        let document: Value = match serde_json::from_slice(&bytes) {
+            Ok(v) => v,
+            Err(e) => {
+                self.w.error(
+                    "policy",
+                    format!("{} is not valid JSON: {}", path.display(), e),
+                );
+                return None;
+            }
+        };
+        match Policy::from_value(&document) {
+            Ok(policy) => Some((document, policy)),
+            Err(errors) => {
+                for e in errors.iter() {
+                    self.w.error("policy", format!("{}: {}", path.display(), e));
+                }
+                None
+            }
+        }
+    }
+
+    fn check_split(&mut self, policy: &Policy, rule: &str, canary: &str) {
+        let index = match policy.rule_index(rule) {
+            Some(i) => i,
+            None => {
+                let names: Vec<&str> = policy.rules.iter().map(|r| r.name.as_str()).collect();
+                self.w.error(
+                    "split_rule",
+                    format!(
+                        "the policy has no rule {:?} (rules: {})",
+                        rule,
+                        names.join(", ")
+                    ),
+                );
+                return;
+            }
+        };
+        match &policy.rules[index].action {
+            Action::Split(split) => {
+                let in_split = split.variants.iter().any(|v| policy.variants[*v] == canary);
+                if !in_split {
+                    self.w.error(
+                        "canary",
+                        format!(
+                            "{:?} is not one of the variants of split rule {:?}",
+                            canary, rule
+                        ),
+                    );
+                } else if split.variants.len() < 2 {
+                    self.w.error(
+                        "split_rule",
+                        "the split needs at least one baseline variant besides the canary",
+                    );
+                }
+            }
+            Action::Variant(_) => {
+                self.w
+                    .error("split_rule", format!("rule {:?} is not a split", rule));
+            }
+        }
+    }
+
+    fn steps(&mut self, value: &Value) -> Option<Vec<u32>> {
+        let items = match value.as_array() {
+            Some(items) if !items.is_empty() => items,
+            _ => {
+                self.w.error(
+                    "steps",
+                    "expected a non-empty list of canary weights in percent",
+                );
+                return None;
+            }
+        };
+        let mut steps = Vec::with_capacity(items.len());
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            match item.as_u64().and_then(|s| u32::try_from(s).ok()) {
+                Some(s) => steps.push(s),
+                None => {
+                    self.w.error(
+                        &format!("steps[{}]", i),
+                        format!("expected a whole percentage, found {}", item),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if ok && steps.last() != Some(&100) {
+            self.w
+                .error("steps", "the last step must be 100 (a full promotion)");
+            ok = false;
+        }
+        if ok {
+            Some(steps)
+        } else {
+            None
+        }
+    }
+
+    fn duration_field(
+        &mut self,
+        map: &Map<String, Value>,
+        path: &str,
+        field: &str,
+        default: Option<Duration>,
+    ) -> Option<Duration> {
+        let path = join(path, field);
+        match map.get(field) {
+            None => {
+                if default.is_none() {
+                    self.w.error(&path, "required field is missing");
+                }
+                default
+            }
+            Some(v) => match parse_duration(v) {
+                Ok(d) => Some(d),
+                Err(message) => {
+                    self.w.error(&path, message);
+                    None
+                }
+            },
+        }
+    }
+
+    fn number(&mut self, map: &Map<String, Value>, field: &str, default: f64) -> Option<f64> {
+        match map.get(field) {
+            None => Some(default),
+            Some(v) => match v.as_f64() {
+                Some(x) => Some(x),
+                None => {
+                    self.w.error(
+                        &join("analysis", field),
+                        format!("expected a number, found {}", kind(v)),
+                    );
+                    None
+                }
+            },
+        }
+    }
+
+    /// The analysis section, and whether every field of it could be read.
+    fn analysis(&mut self, value: &Value) -> Option<(Analysis, bool)> {
+        let map = self.w.object(value, "analysis", ANALYSIS_FIELDS)?;
+        let d = Analysis::default();
+        let error_ceiling = self.number(map, "error_ceiling", d.error_ceiling);
+        let max_error_rate = self.number(map, "max_error_rate", d.max_error_rate);
+        let max_slow_rate = self.number(map, "max_slow_rate", d.max_slow_rate);
+        let alpha = self.number(map, "alpha", d.alpha);
+        let relative_risk = self.number(map, "relative_risk", d.relative_risk);
+        let latency_threshold_ms = match map.get("latency_threshold_ms") {
+            None => Some(d.latency_threshold_ms),
+            Some(v) => match v.as_u64().and_then(|ms| u32::try_from(ms).ok()) {
+                Some(ms) if ENVOY_DEFAULT_BUCKETS_MS.contains(&f64::from(ms)) => Some(ms),
+                _ => {
+                    let bounds: Vec<String> = ENVOY_DEFAULT_BUCKETS_MS
+                        .iter()
+                        .filter(|b| **b >= 1.0)
+                        .map(|b| b.to_string())
+                        .collect();
+                    self.w.error(
+                        "analysis.latency_threshold_ms",
+                        format!(
+                            "{} is not a latency histogram bucket boundary; use one of {}",
+                            v,
+                            bounds.join(", ")
+                        ),
+                    );
+                    None
+                }
+            },
+        };
+        let min_requests = match map.get("min_requests") {
+            None => Some(d.min_requests),
+            Some(v) => match v.as_u64() {
+                Some(n) => Some(n),
+                None => {
+                    self.w.error(
+                        "analysis.min_requests",
+                        format!("expected a whole number, found {}", v),
+                    );
+                    None
+                }
+            },
+        };
+        let no_data_timeout =
+            self.duration_field(map, "analysis", "no_data_timeout", Some(d.no_data_timeout));
+        let on_no_data = match map.get("on_no_data") {
+            None => Some(d.on_no_data),
+            Some(v) => match v.as_str() {
+                Some("rollback") => Some(OnNoData::Rollback),
+                Some("hold") => Some(OnNoData::Hold),
+                _ => {
+                    self.w.error(
+                        "analysis.on_no_data",
+                        format!("expected \"rollback\" or \"hold\", found {}", v),
+                    );
+                    None
+                }
+            },
+        };
+        // Unreadable fields (already reported) stand in as defaults, so the range checks
+        // on the readable ones still run in this pass.
+        let ok = [
+            error_ceiling,
+            max_error_rate,
+            max_slow_rate,
+            alpha,
+            relative_risk,
+        ]
+        .iter()
+        .all(Option::is_some)
+            && latency_threshold_ms.is_some()
+            && min_requests.is_some()
+            && no_data_timeout.is_some()
+            && on_no_data.is_some();
+        let analysis = Analysis {
+            error_ceiling: error_ceiling.unwrap_or(d.error_ceiling),
+            max_error_rate: max_error_rate.unwrap_or(d.max_error_rate),
+            latency_threshold_ms: latency_threshold_ms.unwrap_or(d.latency_threshold_ms),
+            max_slow_rate: max_slow_rate.unwrap_or(d.max_slow_rate),
+            min_requests: min_requests.unwrap_or(d.min_requests),
+            alpha: alpha.unwrap_or(d.alpha),
+            relative_risk: relative_risk.unwrap_or(d.relative_risk),
+            no_data_timeout: no_data_timeout.unwrap_or(d.no_data_timeout),
+            on_no_data: on_no_data.unwrap_or(d.on_no_data),
+            ..d
+        };
+        Some((analysis, ok))
+    }
+
+    fn urls(&mut self, value: &Value, path: &str) -> Option<Vec<String>> {
+        let items: Vec<&Value> = match value {
+            Value::String(_) => vec![value],
+            Value::Array(items) if !items.is_empty() => items.iter().collect(),
+            _ => {
+                self.w.error(
+                    path,
+                    format!(
+                        "expected a URL or a non-empty list of URLs, found {}",
+                        kind(value)
+                    ),
+                );
+                return None;
+            }
+        };
+        let mut urls = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let item_path = if value.is_array() {
+                format!("{}[{}]", path, i)
+            } else {
+                path.to_string()
+            };
+            match item.as_str() {
+                Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                    urls.push(u.trim_end_matches('/').to_string())
+                }
+                _ => {
+                    self.w.error(
+                        &item_path,
+                        format!("expected an http:// or https:// URL, found {}", item),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            Some(urls)
+        } else {
+            None
+        }
+    }
+
+    fn source(&mut self, value: &Value) -> Option<SourceSpec> {
+        let map = self
+            .w
+            .object(value, "source", &["envoy_admin", "prometheus"])?;
+        match (map.get("envoy_admin"), map.get("prometheus")) {
+            (Some(v), None) => self
+                .urls(v, "source.envoy_admin")
+                .map(SourceSpec::EnvoyAdmin),
+            (None, Some(v)) => {
+                let p = self.w.object(v, "source.prometheus", &["url"])?;
+                let url = self.w.required(p, "source.prometheus", "url")?;
+                let mut urls = self.urls(url, "source.prometheus.url")?;
+                Some(SourceSpec::Prometheus {
+                    url: urls.remove(0),
+                })
+            }
+            _ => {
+                self.w
+                    .error("source", "expected exactly one of envoy_admin, prometheus");
+                None
+            }
+        }
+    }
+
+    fn sink(&mut self, value: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
+        let map = self.w.object(value, "sink", &["ecds_file"])?;
+        let ecds = match map.get("ecds_file") {
+            Some(v) => v,
+            None => {
+                self.w.error("sink", "expected ecds_file");
+                return None;
+            }
+        };
+        let p = "sink.ecds_file";
+        let m = self
+            .w
+            .object(ecds, p, &["path", "filter_name", "wasm", "admin"])?;
+        let path = self
+            .w
+            .required(m, p, "path")
+            .and_then(|v| self.w.string(v, "sink.ecds_file.path"))
+            .map(|s| self.base.join(s));
+        if let Some(path) = &path {
+            let folder_ok = path
+                .parent()
+                .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir());
+            if !folder_ok {
+                self.w.error(
+                    "sink.ecds_file.path",
+                    format!("folder of {} does not exist", path.display()),
+                );
+            }
+        }
+        let filter_name = match m.get("filter_name") {
+            None => Some("meshcanary".to_string()),
+            Some(v) => self
+                .w
+                .string(v, "sink.ecds_file.filter_name")
+                .map(str::to_string),
+        };
+        let wasm = self
+            .w
+            .required(m, p, "wasm")
+            .and_then(|v| self.w.string(v, "sink.ecds_file.wasm"))
+            .map(|s| self.base.join(s));
+        let admin = match (m.get("admin"), source) {
+            (Some(v), _) => self.urls(v, "sink.ecds_file.admin"),
+            (None, Some(SourceSpec::EnvoyAdmin(urls))) => Some(urls.clone()),
+            (None, Some(SourceSpec::Prometheus { .. })) => {
+                self.w.error(
+                    "sink.ecds_file.admin",
+                    "required when the source is not envoy_admin: each update is confirmed through Envoy's admin",
+                );
+                None
+            }
+            (None, None) => None,
+        };
+        Some(SinkSpec::EcdsFile(EcdsFileSpec {
+            path: path?,
+            filter_name: filter_name?,
+            wasm: wasm?,
+            admin: admin?,
+        }))
+    }
+}
+
+/// Parses `500ms`, `10s`, `2m`, `1h` (or a bare number of seconds).
+pub fn parse_duration(value: &Value) -> Result<Duration, String> {
+    if let Some(secs) = value.as_f64() {
+        return if secs.is_finite() && secs >= 0.0 {
+            Ok(Duration::from_secs_f64(secs))
+        } else {
+            Err(format!("expected a duration such as 10s, found {}", value))
+        };
+    }
+    let text = value
+        .as_str()
+        .ok_or_else(|| format!("expected a duration such as 10s, found {}", kind(value)))?;
+    let split = text
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let number: f64 = number
+        .parse()
+        .map_err(|_| format!("{:?} is not a duration such as 500ms, 10s, 2m or 1h", text))?;
+    let scale = match unit {
+        "ms" => 0.001,
+        "s" | "" => 1.0,
+        "m" => 60.0,
+        "h" => 3600.0,
+        _ => {
+            return Err(format!(
+                "{:?}: unknown unit {:?} (use ms, s, m or h)",
+                text, unit
+            ))
+        }
+    };
+    Ok(Duration::from_secs_f64(number * scale))
+}

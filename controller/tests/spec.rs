@@ -1,0 +1,164 @@
+//! The rollout spec's validation: every problem at once, each with its path.
+
+use std::path::PathBuf;
+
+use meshcanary_controller::spec::{RolloutSpec, SinkSpec, SourceSpec};
+use meshcanary_controller::verdict::OnNoData;
+
+const POLICY: &str = r#"{
+  "name": "checkout",
+  "variants": ["stable", "canary"],
+  "rules": [
+    {"name": "qa", "when": [{"header": "x-canary", "equals": "always"}], "variant": "canary"},
+    {"name": "rollout", "split": {"by": {"header": "x-user-id"}, "salt": "checkout-v2",
+      "weights": [{"variant": "canary", "weight": 10}, {"variant": "stable", "weight": 90}]}}
+  ]
+}"#;
+
+/// A folder with `policy.json`, and the spec text parsed as if it were `spec.yaml` there.
+fn parse(spec: &str) -> (tempfile::TempDir, Result<RolloutSpec, Vec<String>>) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("policy.json"), POLICY).expect("policy");
+    let file: PathBuf = dir.path().join("spec.yaml");
+    let parsed =
+        RolloutSpec::parse(spec, &file).map_err(|e| e.iter().map(ToString::to_string).collect());
+    (dir, parsed)
+}
+
+const VALID: &str = r#"
+policy: policy.json
+split_rule: rollout
+canary: canary
+steps: [5, 25, 50, 100]
+step_min_duration: 10s
+interval: 1s
+analysis:
+  error_ceiling: 0.2
+  max_error_rate: 0.01
+  latency_threshold_ms: 500
+  max_slow_rate: 0.01
+  min_requests: 300
+  alpha: 0.001
+  no_data_timeout: 60s
+  on_no_data: hold
+source:
+  envoy_admin: ["http://127.0.0.1:9901"]
+sink:
+  ecds_file: {path: policy.ecds.yaml, filter_name: meshcanary, wasm: meshcanary_filter.wasm}
+"#;
+
+#[test]
+fn the_issue_example_is_valid_and_read_exactly() {
+    let (dir, parsed) = parse(VALID);
+    let spec = parsed.expect("valid spec");
+    assert_eq!(spec.judge.steps, vec![5, 25, 50, 100]);
+    assert_eq!(spec.judge.step_min_duration.as_secs(), 10);
+    assert_eq!(spec.interval.as_secs(), 1);
+    assert_eq!(spec.judge.analysis.on_no_data, OnNoData::Hold);
+    assert_eq!(spec.judge.analysis.min_requests, 300);
+    assert_eq!(spec.baseline(), vec!["stable".to_string()]);
+    assert_eq!(
+        spec.source,
+        SourceSpec::EnvoyAdmin(vec!["http://127.0.0.1:9901".into()])
+    );
+    let SinkSpec::EcdsFile(ecds) = &spec.sink;
+    assert_eq!(
+        ecds.path,
+        dir.path().join("policy.ecds.yaml"),
+        "relative to the spec's folder"
+    );
+    assert_eq!(
+        ecds.admin,
+        vec!["http://127.0.0.1:9901".to_string()],
+        "confirmed through the source's admin"
+    );
+}
+
+#[test]
+fn every_problem_is_reported_with_its_path() {
+    let bad = r#"
+policy: policy.json
+split_rule: qa
+canary: blue
+steps: [50, 25, 100.5]
+step_min_duration: soon
+interval: 10ms
+analysis:
+  error_ceiling: 2
+  max_error_rate: "low"
+  latency_threshold_ms: 300
+  alpha: 1.5
+  on_no_data: panic
+  colour: red
+source:
+  envoy_admin: ["127.0.0.1:9901"]
+sink:
+  ecds_file: {path: /no/such/folder/x.yaml}
+extra: 1
+"#;
+    let (_dir, parsed) = parse(bad);
+    let errors = parsed.expect_err("invalid spec");
+    for expected in [
+        "extra: unknown field",
+        "split_rule: rule \"qa\" is not a split",
+        "steps[2]: expected a whole percentage, found 100.5",
+        "step_min_duration: \"soon\" is not a duration",
+        "interval: must be at least 100ms",
+        "analysis.colour: unknown field",
+        "analysis.max_error_rate: expected a number, found a string",
+        "analysis.latency_threshold_ms: 300 is not a latency histogram bucket boundary",
+        "analysis.on_no_data: expected \"rollback\" or \"hold\"",
+        "source.envoy_admin[0]: expected an http:// or https:// URL",
+        "sink.ecds_file.path: folder of /no/such/folder/x.yaml does not exist",
+        "sink.ecds_file.wasm: required field is missing",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "missing {expected:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    // Range rules come from the verdict's own spec, reported in the same run.
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("analysis.error_ceiling")),
+        "{}",
+        errors.join("\n")
+    );
+    assert!(
+        errors.iter().any(|e| e.starts_with("analysis.alpha")),
+        "{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn an_invalid_base_policy_is_reported_under_policy() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("policy.json"),
+        r#"{"name": "x", "variants": []}"#,
+    )
+    .expect("policy");
+    let errors = RolloutSpec::parse(VALID, &dir.path().join("spec.yaml")).expect_err("invalid");
+    let text = errors.to_string();
+    assert!(
+        text.contains("policy: ") && text.contains("variants: must list at least one variant"),
+        "{text}"
+    );
+}
+
+#[test]
+fn not_yaml_and_missing_fields() {
+    let (_dir, parsed) = parse("policy: [unclosed");
+    assert!(parsed.expect_err("invalid")[0].starts_with("not valid YAML"));
+    let (_dir, parsed) = parse("{}");
+    let errors = parsed.expect_err("invalid");
+    for field in ["policy", "split_rule", "canary", "steps", "sink"] {
+        assert!(
+            errors.contains(&format!("{field}: required field is missing")),
+            "{field}: {errors:?}"
+        );
+    }
+}

@@ -1,0 +1,201 @@
+//! Driving the `meshcanary` binary from tests: spawn it with `--output json`, collect
+//! its events as they come (with the instant each arrived), wait for its exit.
+
+use std::path::Path;
+use std::process::Stdio;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+use crate::paths;
+
+/// One event the controller printed.
+#[derive(Debug, Clone)]
+pub struct Event {
+    /// When the line arrived.
+    pub at: Instant,
+    /// The JSON object.
+    pub json: Value,
+}
+
+impl Event {
+    /// The event's kind (`start`, `applied`, `hold`, `promote`, `rollback`, …).
+    pub fn kind(&self) -> &str {
+        self.json["event"].as_str().unwrap_or_default()
+    }
+}
+
+/// A running `meshcanary` command; killed when dropped.
+pub struct Controller {
+    child: Child,
+    events: Arc<Mutex<Vec<Event>>>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Controller {
+    /// Starts `meshcanary <args> --output json`.
+    pub fn spawn(args: &[&str]) -> Controller {
+        let bin = paths::meshcanary_bin();
+        assert!(
+            bin.exists(),
+            "{} not found: build it with `cargo build -p meshcanary` (make test does)",
+            bin.display()
+        );
+        let mut child = Command::new(&bin)
+            .args(args)
+            .args(["--output", "json"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start meshcanary");
+        let events = Arc::new(Mutex::new(Vec::new()));
+        let stderr = Arc::new(Mutex::new(String::new()));
+        if let Some(out) = child.stdout.take() {
+            let events = Arc::clone(&events);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(out).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
+                    events.lock().expect("events").push(Event {
+                        at: Instant::now(),
+                        json,
+                    });
+                }
+            });
+        }
+        if let Some(err) = child.stderr.take() {
+            let stderr = Arc::clone(&stderr);
+            tokio::spawn(async move {
+                let mut lines = BufReader::new(err).lines();
+                while let Ok(Some(line)) = lines.next_line().await {
+                    let mut s = stderr.lock().expect("stderr");
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        Controller {
+            child,
+            events,
+            stderr,
+        }
+    }
+
+    /// `meshcanary run SPEC`.
+    pub fn run(spec: &Path) -> Controller {
+        Controller::spawn(&["run", &spec.display().to_string()])
+    }
+
+    /// Every event so far.
+    pub fn events(&self) -> Vec<Event> {
+        self.events.lock().expect("events").clone()
+    }
+
+    /// What it wrote to standard error so far.
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().expect("stderr").clone()
+    }
+
+    /// Waits for the first event of `kind` satisfying `pred`.
+    pub async fn wait_event(
+        &self,
+        kind: &str,
+        timeout: Duration,
+        pred: impl Fn(&Value) -> bool,
+    ) -> Option<Event> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(e) = self
+                .events()
+                .into_iter()
+                .find(|e| e.kind() == kind && pred(&e.json))
+            {
+                return Some(e);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Waits for the process to exit; its exit code (`None` if it did not exit in time,
+    /// in which case it is killed).
+    pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
+        match tokio::time::timeout(timeout, self.child.wait()).await {
+            Ok(Ok(status)) => {
+                // Let the readers drain the last lines.
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                status.code()
+            }
+            _ => {
+                let _ = self.child.kill().await;
+                None
+            }
+        }
+    }
+
+    /// Kills it with SIGKILL, as a crash would.
+    pub async fn kill(&mut self) {
+        let _ = self.child.kill().await;
+        let _ = self.child.wait().await;
+    }
+
+    /// A readable transcript, for assertion messages.
+    pub fn transcript(&self) -> String {
+        let mut s: String = self
+            .events()
+            .iter()
+            .map(|e| format!("{}\n", e.json))
+            .collect();
+        s.push_str(&self.stderr());
+        s
+    }
+}
+
+/// A TCP forwarder that can be switched off: then live connections are cut and new ones
+/// are accepted and closed at once, as an unreachable endpoint looks to a client (a
+/// keep-alive connection must not survive, or the client would never notice).
+pub struct Forwarder {
+    /// Where it listens.
+    pub addr: std::net::SocketAddr,
+    open: tokio::sync::watch::Sender<bool>,
+}
+
+impl Forwarder {
+    /// Forwards a loopback port to `target`.
+    pub async fn start(target: std::net::SocketAddr) -> Forwarder {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (open, gate) = tokio::sync::watch::channel(true);
+        tokio::spawn(async move {
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if !*gate.borrow() {
+                    drop(inbound);
+                    continue;
+                }
+                let mut gate = gate.clone();
+                tokio::spawn(async move {
+                    if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = gate.wait_for(|open| !*open) => {}
+                        }
+                    }
+                });
+            }
+        });
+        Forwarder { addr, open }
+    }
+
+    /// Lets connections through (`true`) or cuts them (`false`).
+    pub fn set_open(&self, open: bool) {
+        let _ = self.open.send(open);
+    }
+}

@@ -1,0 +1,593 @@
+//! The controller end to end: the real `meshcanary` binary drives a real Envoy through
+//! its ECDS file, judging real upstreams under load from the real load generator.
+//!
+//! Rollouts here are short (steps 20 → 50 → 100 %, 2 s minimum per step, 0.5 s ticks,
+//! 300 requests/s) so that every test ends in seconds.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use meshcanary_e2e::controller::{Controller, Forwarder};
+use meshcanary_e2e::{
+    paths, route_keys, write_ecds, Behaviour, Envoy, EnvoyConfig, FilterSource, Upstream,
+};
+use serde_json::{json, Value};
+use tokio::process::{Child, Command};
+
+const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+fn base_policy() -> Value {
+    json!({
+        "name": "checkout",
+        "variants": ["stable", "canary"],
+        "rules": [
+            {"name": "qa", "when": [{"header": "x-canary", "equals": "always"}], "variant": "canary"},
+            {"name": "rollout", "split": {"by": {"header": "x-user-id"}, "salt": "checkout-v2",
+                "weights": [{"variant": "canary", "weight": 0}, {"variant": "stable", "weight": 100}]}}
+        ]
+    })
+}
+
+/// Everything one rollout test needs; processes die with it.
+struct Bench {
+    dir: tempfile::TempDir,
+    envoy: Envoy,
+    stable: Upstream,
+    canary: Upstream,
+    spec: PathBuf,
+    ecds: PathBuf,
+    load: Option<Child>,
+}
+
+impl Bench {
+    /// Envoy reading the policy by ECDS (canary at 0 % until the controller writes),
+    /// upstreams with the given behaviour, and a spec adjusted by `edit`.
+    async fn start(
+        stable: Behaviour,
+        canary: Behaviour,
+        edit: impl FnOnce(&mut Value, &Envoy),
+    ) -> Bench {
+        let stable = Upstream::start_with("stable", stable).await;
+        let canary = Upstream::start_with("canary", canary).await;
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ecds = dir.path().join("checkout.ecds.json");
+        write_ecds(&ecds, "initial", &base_policy().to_string());
+        let mut config =
+            EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
+        config.stats_flush_interval = Some(Duration::from_secs(1));
+        let envoy = Envoy::start(&config).await.expect("envoy starts");
+        std::fs::write(dir.path().join("policy.json"), base_policy().to_string()).expect("policy");
+        let mut spec = json!({
+            "policy": "policy.json",
+            "split_rule": "rollout",
+            "canary": "canary",
+            "steps": [20, 50, 100],
+            "step_min_duration": "2s",
+            "interval": "500ms",
+            "analysis": {
+                "error_ceiling": 0.2, "max_error_rate": 0.05, "latency_threshold_ms": 500,
+                "max_slow_rate": 0.05, "min_requests": 100, "alpha": 0.001,
+                "no_data_timeout": "10s", "on_no_data": "rollback"
+            },
+            "source": {"envoy_admin": [envoy.admin.clone()]},
+            "sink": {"ecds_file": {"path": ecds.clone(), "wasm": paths::wasm()}}
+        });
+        edit(&mut spec, &envoy);
+        let spec_path = dir.path().join("rollout.yaml");
+        // JSON is YAML: the spec file is written as JSON to keep the test free of a YAML writer.
+        std::fs::write(
+            &spec_path,
+            serde_json::to_string_pretty(&spec).expect("spec"),
+        )
+        .expect("spec file");
+        Bench {
+            dir,
+            envoy,
+            stable,
+            canary,
+            spec: spec_path,
+            ecds,
+            load: None,
+        }
+    }
+
+    /// Starts the load generator: `rps` requests/s from 5,000 users, for at most a minute.
+    fn start_load(&mut self, rps: u32) {
+        let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-load"))
+            .args(["--url", &self.envoy.url("/"), "--rps", &rps.to_string()])
+            .args([
+                "--duration-s",
+                "90",
+                "--max-requests",
+                "100000",
+                "--concurrency",
+                "8",
+                "--user-ids",
+                "5000",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start the load generator");
+        self.load = Some(child);
+    }
+
+    /// The canary weight (basis points) in the ECDS file Envoy watches.
+    fn ecds_canary_weight(&self) -> u64 {
+        let text = std::fs::read_to_string(&self.ecds).expect("ECDS file");
+        let document: Value = serde_json::from_str(&text).expect("ECDS JSON");
+        let policy: Value = serde_json::from_str(
+            document["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+                .as_str()
+                .expect("policy string"),
+        )
+        .expect("policy JSON");
+        let weights = policy["rules"][1]["split"]["weights"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        weights
+            .iter()
+            .find(|w| w["variant"] == "canary")
+            .and_then(|w| w["weight"].as_u64())
+            .unwrap_or(0)
+    }
+
+    fn spec_arg(&self) -> String {
+        self.spec.display().to_string()
+    }
+}
+
+fn applied_weights(controller: &Controller) -> Vec<u64> {
+    controller
+        .events()
+        .iter()
+        .filter(|e| e.kind() == "applied")
+        .filter_map(|e| e.json["weight"].as_u64())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_healthy_canary_is_promoted_through_every_step() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |_, _| {}).await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    let code = run.wait(RUN_LIMIT).await;
+    assert_eq!(code, Some(0), "exit code\n{}", run.transcript());
+    assert_eq!(
+        applied_weights(&run),
+        vec![20, 50, 100],
+        "{}",
+        run.transcript()
+    );
+    assert_eq!(
+        run.events()
+            .iter()
+            .filter(|e| e.kind() == "promote")
+            .count(),
+        1
+    );
+    assert!(run
+        .wait_event("complete", Duration::ZERO, |_| true)
+        .await
+        .is_some());
+    assert_eq!(
+        bench.ecds_canary_weight(),
+        10_000,
+        "the final policy sends 100 % to canary"
+    );
+    // Every user now reaches the canary.
+    let users: Vec<String> = (0..200).map(|i| format!("late-user-{i}")).collect();
+    let answers = route_keys(&bench.envoy, "x-user-id", &users, 2).await;
+    assert!(answers.iter().all(|a| a == "canary"), "{answers:?}");
+    // Re-running a finished rollout reports it and exits the same way.
+    let mut again = Controller::run(&bench.spec);
+    assert_eq!(
+        again.wait(RUN_LIMIT).await,
+        Some(0),
+        "{}",
+        again.transcript()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_failing_half_its_requests_is_rolled_back_within_five_seconds() {
+    let broken = Behaviour {
+        error_rate: 0.5,
+        ..Behaviour::default()
+    };
+    let mut bench = Bench::start(Behaviour::default(), broken, |_, _| {}).await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    let code = run.wait(RUN_LIMIT).await;
+    assert_eq!(code, Some(3), "exit code\n{}", run.transcript());
+    let first_canary_request = bench
+        .canary
+        .requests()
+        .first()
+        .map(|r| r.at)
+        .expect("the canary got traffic");
+    let back_at_zero = run
+        .events()
+        .into_iter()
+        .find(|e| e.kind() == "applied" && e.json["weight"] == 0)
+        .expect("weight 0 applied");
+    let detection = back_at_zero.at.duration_since(first_canary_request);
+    println!(
+        "50 % errors: rolled back and confirmed {detection:?} after the canary's first request"
+    );
+    assert!(
+        detection <= Duration::from_secs(5),
+        "took {detection:?}\n{}",
+        run.transcript()
+    );
+    assert_eq!(bench.ecds_canary_weight(), 0);
+    // Afterwards the canary receives nothing, while the load goes on.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let settled = bench.canary.count();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        bench.canary.count(),
+        settled,
+        "requests still reach the canary"
+    );
+    assert!(bench.stable.count() > 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_canary_with_ten_times_the_error_rate_is_rolled_back() {
+    let stable = Behaviour {
+        error_rate: 0.01,
+        ..Behaviour::default()
+    };
+    let canary = Behaviour {
+        error_rate: 0.10,
+        ..Behaviour::default()
+    };
+    let mut bench = Bench::start(stable, canary, |_, _| {}).await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    let code = run.wait(RUN_LIMIT).await;
+    assert_eq!(code, Some(3), "exit code\n{}", run.transcript());
+    let first = bench
+        .canary
+        .requests()
+        .first()
+        .map(|r| r.at)
+        .expect("canary traffic");
+    let rollback = run
+        .wait_event("rollback", Duration::ZERO, |_| true)
+        .await
+        .expect("rollback event");
+    println!(
+        "10x errors (1 % vs 10 %): rolled back {:?} after the canary's first request; reason: {}",
+        rollback.at.duration_since(first),
+        rollback.json["reason"]
+    );
+    assert!(applied_weights(&run).ends_with(&[0]));
+    assert!(
+        !applied_weights(&run).contains(&100),
+        "never promoted to 100 %"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_traffic_it_never_promotes_and_acts_on_the_no_data_timeout() {
+    // on_no_data: rollback.
+    let bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["analysis"]["no_data_timeout"] = json!("3s");
+    })
+    .await;
+    let started = Instant::now();
+    let mut run = Controller::run(&bench.spec);
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(3), "{}", run.transcript());
+    assert!(
+        started.elapsed() >= Duration::from_secs(3),
+        "acted before the timeout"
+    );
+    assert!(run.events().iter().all(|e| e.kind() != "promote"));
+    assert_eq!(applied_weights(&run), vec![20, 0]);
+
+    // on_no_data: hold — still holding at the first step well after the timeout.
+    let bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["analysis"]["no_data_timeout"] = json!("2s");
+        spec["analysis"]["on_no_data"] = json!("hold");
+    })
+    .await;
+    let mut run = Controller::run(&bench.spec);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(
+        run.wait(Duration::from_millis(10)).await,
+        None,
+        "still running\n{}",
+        run.transcript()
+    );
+    assert_eq!(applied_weights(&run), vec![20]);
+    assert!(run.events().iter().all(|e| e.kind() != "promote"));
+    let status = std::process::Command::new(paths::meshcanary_bin())
+        .args(["status", &bench.spec_arg()])
+        .output()
+        .expect("status");
+    let text = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        text.contains("Progressing") && text.contains("step 1 of 3"),
+        "{text}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_admin_holds_the_rollout_until_it_returns() {
+    let mut forwarder: Option<Forwarder> = None;
+    let mut admin_addr = None;
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, envoy| {
+        admin_addr = envoy
+            .admin
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok());
+        // Updates are still confirmed through the real admin; only metrics go through the forwarder.
+        spec["sink"]["ecds_file"]["admin"] = json!([envoy.admin]);
+    })
+    .await;
+    let f = Forwarder::start(admin_addr.expect("admin address")).await;
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
+    spec["source"]["envoy_admin"] = json!([format!("http://{}", f.addr)]);
+    std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+    forwarder.replace(f);
+    let forwarder = forwarder.expect("forwarder");
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    assert!(run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .is_some());
+    forwarder.set_open(false);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(
+        run.events().iter().all(|e| e.kind() != "promote"),
+        "promoted while blind\n{}",
+        run.transcript()
+    );
+    assert!(run
+        .wait_event("source", Duration::ZERO, |e| e["error"].is_string())
+        .await
+        .is_some());
+    assert_eq!(bench.ecds_canary_weight(), 2_000, "held at the first step");
+    forwarder.set_open(true);
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_killed_mid_rollout_resumes_at_the_same_step() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("3s");
+    })
+    .await;
+    bench.start_load(300);
+    let mut first = Controller::run(&bench.spec);
+    let at_50 = first
+        .wait_event("applied", RUN_LIMIT, |e| e["weight"] == 50)
+        .await;
+    assert!(at_50.is_some(), "{}", first.transcript());
+    first.kill().await;
+    assert_eq!(bench.ecds_canary_weight(), 5_000);
+
+    let mut second = Controller::run(&bench.spec);
+    let resumed = second
+        .wait_event("resume", Duration::from_secs(10), |_| true)
+        .await;
+    let resumed = resumed.unwrap_or_else(|| panic!("no resume event\n{}", second.transcript()));
+    assert_eq!(resumed.json["step"], 1, "same step: {}", resumed.json);
+    assert_eq!(resumed.json["weight"], 50);
+    assert_eq!(
+        second.wait(RUN_LIMIT).await,
+        Some(0),
+        "{}",
+        second.transcript()
+    );
+    assert_eq!(
+        applied_weights(&second),
+        vec![50, 100],
+        "never back to 20, never skipping 50"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_controller_refuses_to_drive_the_same_rollout() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("60s");
+    })
+    .await;
+    bench.start_load(100);
+    let _first = Controller::run(&bench.spec);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut second = Controller::run(&bench.spec);
+    assert_eq!(second.wait(Duration::from_secs(10)).await, Some(1));
+    assert!(
+        second.stderr().contains("another controller"),
+        "{}",
+        second.transcript()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn abort_sends_the_canary_to_zero_within_a_second() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("60s");
+    })
+    .await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    assert!(run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .is_some());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        bench.canary.count() > 0,
+        "the canary had traffic before the abort"
+    );
+
+    let asked = Instant::now();
+    let abort = Command::new(paths::meshcanary_bin())
+        .args(["abort", &bench.spec_arg()])
+        .output()
+        .await
+        .expect("abort");
+    let confirmed = Instant::now();
+    assert!(
+        abort.status.success(),
+        "{}",
+        String::from_utf8_lossy(&abort.stderr)
+    );
+    println!("abort confirmed by Envoy after {:?}", confirmed - asked);
+    assert!(
+        confirmed - asked <= Duration::from_secs(1),
+        "abort took {:?}",
+        confirmed - asked
+    );
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let late: Vec<_> = bench
+        .canary
+        .requests()
+        .into_iter()
+        .filter(|r| r.at > confirmed + Duration::from_millis(100))
+        .collect();
+    assert!(
+        late.is_empty(),
+        "{} requests reached the canary after the abort",
+        late.len()
+    );
+    assert_eq!(bench.ecds_canary_weight(), 0);
+    assert_eq!(
+        run.wait(Duration::from_secs(5)).await,
+        Some(3),
+        "{}",
+        run.transcript()
+    );
+    assert!(run
+        .wait_event("aborted", Duration::ZERO, |_| true)
+        .await
+        .is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_spec_exits_2_naming_every_error() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(dir.path().join("policy.json"), base_policy().to_string()).expect("policy");
+    let spec = dir.path().join("bad.yaml");
+    std::fs::write(
+        &spec,
+        "policy: policy.json\nsplit_rule: nope\ncanary: canary\nsteps: [50, 10]\ninterval: fast\nsink: {}\n",
+    )
+    .expect("spec");
+    for command in ["run", "validate", "render", "status", "abort"] {
+        let out = std::process::Command::new(paths::meshcanary_bin())
+            .args([command, &spec.display().to_string()])
+            .output()
+            .expect("meshcanary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{command}: {stderr}");
+        for expected in [
+            "split_rule: the policy has no rule \"nope\"",
+            "steps: the last step must be 100",
+            "interval: \"fast\" is not a duration",
+            "sink: expected ecds_file",
+        ] {
+            assert!(
+                stderr.contains(expected),
+                "{command}: missing {expected:?} in:\n{stderr}"
+            );
+        }
+    }
+    let usage = std::process::Command::new(paths::meshcanary_bin())
+        .arg("frobnicate")
+        .output()
+        .expect("meshcanary");
+    assert_eq!(usage.status.code(), Some(2), "usage errors exit 2");
+    let _ = dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn render_prints_exactly_what_the_sink_writes() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("60s");
+    })
+    .await;
+    bench.start_load(100);
+    let mut run = Controller::run(&bench.spec);
+    assert!(run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .is_some());
+    run.kill().await;
+    let render = |_: ()| {
+        std::process::Command::new(paths::meshcanary_bin())
+            .args(["render", &bench.spec_arg()])
+            .output()
+            .expect("render")
+    };
+    let first = render(());
+    let second = render(());
+    assert!(first.status.success());
+    assert_eq!(first.stdout, second.stdout, "deterministic");
+    let written = std::fs::read_to_string(&bench.ecds).expect("ECDS");
+    assert_eq!(
+        String::from_utf8_lossy(&first.stdout).trim_end(),
+        written.trim_end()
+    );
+    let _ = &bench.dir;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prometheus_as_the_source_promotes_a_healthy_canary_and_rolls_back_a_broken_one() {
+    use meshcanary_e2e::prometheus::{prometheus_available, PrometheusServer};
+    if !prometheus_available("prometheus_as_the_source") {
+        return;
+    }
+    for (canary, expected_code, expected_weights) in [
+        (Behaviour::default(), 0, vec![20, 50, 100]),
+        (
+            Behaviour {
+                error_rate: 0.5,
+                ..Behaviour::default()
+            },
+            3,
+            vec![20, 0],
+        ),
+    ] {
+        let mut prometheus: Option<PrometheusServer> = None;
+        let mut admin = String::new();
+        let mut bench = Bench::start(Behaviour::default(), canary, |spec, envoy| {
+            admin = envoy.admin.clone();
+            // The sink still confirms each update through Envoy's admin.
+            spec["sink"]["ecds_file"]["admin"] = json!([envoy.admin]);
+        })
+        .await;
+        let server = PrometheusServer::start(std::slice::from_ref(&admin)).await;
+        let mut spec: Value =
+            serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec"))
+                .expect("json");
+        spec["source"] = json!({"prometheus": {"url": server.url}});
+        std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+        prometheus.replace(server);
+        bench.start_load(300);
+        let mut run = Controller::run(&bench.spec);
+        assert_eq!(
+            run.wait(RUN_LIMIT).await,
+            Some(expected_code),
+            "{}",
+            run.transcript()
+        );
+        assert_eq!(
+            applied_weights(&run),
+            expected_weights,
+            "{}",
+            run.transcript()
+        );
+        drop(prometheus);
+    }
+}
