@@ -496,13 +496,22 @@ impl Reader {
                 path.to_string()
             };
             match item.as_str() {
-                Some(u) if u.starts_with("http://") || u.starts_with("https://") => {
+                Some(u) if u.starts_with("http://") => {
                     urls.push(u.trim_end_matches('/').to_string())
+                }
+                // The metrics client is built without TLS (admin endpoints and in-cluster
+                // Prometheus are plain HTTP); say so now rather than fail at every read.
+                Some(u) if u.starts_with("https://") => {
+                    self.w.error(
+                        &item_path,
+                        format!("{:?}: https is not supported for metric sources; use http:// (in-cluster or via a local port-forward)", u),
+                    );
+                    ok = false;
                 }
                 _ => {
                     self.w.error(
                         &item_path,
-                        format!("expected an http:// or https:// URL, found {}", item),
+                        format!("expected an http:// URL, found {}", item),
                     );
                     ok = false;
                 }

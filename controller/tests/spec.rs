@@ -108,7 +108,7 @@ extra: 1
         "analysis.max_error_rate: expected a number, found a string",
         "analysis.latency_threshold_ms: 300 is not a latency histogram bucket boundary",
         "analysis.on_no_data: expected \"rollback\" or \"hold\"",
-        "source.envoy_admin[0]: expected an http:// or https:// URL",
+        "source.envoy_admin[0]: expected an http:// URL",
         "sink.ecds_file.path: folder of /no/such/folder/x.yaml does not exist",
         "sink.ecds_file.wasm: required field is missing",
     ] {
