@@ -1,5 +1,6 @@
-//! Driving the `meshcanary` binary from tests: spawn it with `--output json`, collect
-//! its events as they come (with the instant each arrived), wait for its exit.
+//! Driving the `meshcanary` binary from tests and the demo: spawn it with
+//! `--output json`, collect its events as they come (with the instant each arrived),
+//! wait for its exit.
 
 use std::path::Path;
 use std::process::Stdio;
@@ -36,7 +37,8 @@ pub struct Controller {
 }
 
 impl Controller {
-    /// Starts `meshcanary <args> --output json`.
+    /// Starts `meshcanary <args> --output json` (the workspace's build, see
+    /// [`paths::meshcanary_bin`]); panics when it cannot, as a test should.
     pub fn spawn(args: &[&str]) -> Controller {
         let bin = paths::meshcanary_bin();
         assert!(
@@ -44,14 +46,19 @@ impl Controller {
             "{} not found: build it with `cargo build -p meshcanary` (make test does)",
             bin.display()
         );
-        let mut child = Command::new(&bin)
+        Controller::start(&bin, args).expect("start meshcanary")
+    }
+
+    /// Starts `<bin> <args> --output json`; for programs (the demo) that report a
+    /// failure to start instead of panicking.
+    pub fn start(bin: &Path, args: &[&str]) -> std::io::Result<Controller> {
+        let mut child = Command::new(bin)
             .args(args)
             .args(["--output", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
-            .spawn()
-            .expect("start meshcanary");
+            .spawn()?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
         if let Some(out) = child.stdout.take() {
@@ -60,7 +67,7 @@ impl Controller {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
-                    events.lock().expect("events").push(Event {
+                    lock(&events).push(Event {
                         at: Instant::now(),
                         json,
                     });
@@ -72,17 +79,17 @@ impl Controller {
             tokio::spawn(async move {
                 let mut lines = BufReader::new(err).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
-                    let mut s = stderr.lock().expect("stderr");
+                    let mut s = lock(&stderr);
                     s.push_str(&line);
                     s.push('\n');
                 }
             });
         }
-        Controller {
+        Ok(Controller {
             child,
             events,
             stderr,
-        }
+        })
     }
 
     /// `meshcanary run SPEC`.
@@ -92,12 +99,12 @@ impl Controller {
 
     /// Every event so far.
     pub fn events(&self) -> Vec<Event> {
-        self.events.lock().expect("events").clone()
+        lock(&self.events).clone()
     }
 
     /// What it wrote to standard error so far.
     pub fn stderr(&self) -> String {
-        self.stderr.lock().expect("stderr").clone()
+        lock(&self.stderr).clone()
     }
 
     /// Waits for the first event of `kind` satisfying `pred`.
@@ -139,6 +146,21 @@ impl Controller {
         }
     }
 
+    /// Its exit status if it has exited, without waiting (`Ok(None)` while it runs). The
+    /// last lines it printed may still be on their way: give the readers a moment.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        self.child.try_wait()
+    }
+
+    /// Asks it to stop with SIGTERM, as Kubernetes does.
+    pub fn terminate(&self) {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
+        }
+    }
+
     /// Kills it with SIGKILL, as a crash would.
     pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
@@ -155,6 +177,14 @@ impl Controller {
         s.push_str(&self.stderr());
         s
     }
+}
+
+/// Locks a mutex even if a reader panicked while holding it: the data (lines read so
+/// far) are whole either way, and the demo built on this must not panic.
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A TCP forwarder that can be switched off: then live connections are cut and new ones

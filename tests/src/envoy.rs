@@ -25,6 +25,9 @@ pub enum FilterSource {
     Inline(String),
     /// Extension config discovery from a watched file (see [`write_ecds`]).
     Ecds(PathBuf),
+    /// An HTTP filter entry given as it is (`{"name": …, "typed_config" | "config_discovery": …}`),
+    /// e.g. lifted from an Istio EnvoyFilter patch.
+    Raw(Value),
 }
 
 /// A cluster on loopback.
@@ -108,6 +111,7 @@ impl EnvoyConfig {
                 "name": FILTER_NAME,
                 "typed_config": wasm_filter(policy, &paths::wasm()),
             })),
+            FilterSource::Raw(filter) => http_filters.push(filter.clone()),
             FilterSource::Ecds(path) => http_filters.push(json!({
                 "name": FILTER_NAME,
                 "config_discovery": {
@@ -182,19 +186,21 @@ pub fn wasm_filter(policy_json: &str, wasm: &Path) -> Value {
 /// Writes the ECDS file Envoy watches, atomically (temporary file, then rename), with
 /// `version` as its `version_info`, rendered by the controller's own ECDS sink code.
 pub fn write_ecds(path: &Path, version: &str, policy_json: &str) {
-    let response = ecds_document(
-        FILTER_NAME,
-        &paths::wasm(),
-        &policy_value(policy_json),
-        version,
-    );
+    if let Err(e) = try_write_ecds(path, version, &policy_value(policy_json)) {
+        panic!("{e}");
+    }
+}
+
+/// [`write_ecds`] for programs (the demo): the policy as a JSON value, and a failure to
+/// write reported, not panicked.
+pub fn try_write_ecds(path: &Path, version: &str, policy: &Value) -> Result<(), String> {
+    let response = ecds_document(FILTER_NAME, &paths::wasm(), policy, version);
     let tmp = path.with_extension("json.tmp");
-    std::fs::write(
-        &tmp,
-        serde_json::to_vec_pretty(&response).expect("serialize ECDS"),
-    )
-    .expect("write ECDS temp file");
-    std::fs::rename(&tmp, path).expect("rename ECDS file into place");
+    let bytes = serde_json::to_vec_pretty(&response).map_err(|e| format!("ECDS document: {e}"))?;
+    std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;
+    // The rename is what makes the update atomic: Envoy never reads a half-written file.
+    std::fs::rename(&tmp, path)
+        .map_err(|e| format!("cannot move {} into place: {e}", path.display()))
 }
 
 fn policy_value(policy_json: &str) -> Value {
@@ -395,6 +401,11 @@ impl Envoy {
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+
+    /// Envoy's process id (for reading its memory in `/proc`); `None` once it has exited.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
     }
 
     /// Stops Envoy now.

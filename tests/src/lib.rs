@@ -7,15 +7,19 @@
 //! The crate also builds the two programs the demo and the controller's tests run as
 //! processes: `meshcanary-upstream` (this upstream, with a share of errors and slow
 //! answers changeable over HTTP) and `meshcanary-load` (a bounded, paced load generator
-//! for loopback only); see `src/bin/`.
+//! for loopback only); see `src/bin/`. [`programs`] runs them for the demo,
+//! `meshcanary-demo` (`make demo`), which is built on this harness too.
 
 pub mod controller;
 pub mod envoy;
 pub mod paths;
+pub mod programs;
 pub mod prometheus;
 pub mod upstream;
 
-pub use envoy::{write_ecds, Cluster, Envoy, EnvoyConfig, FilterSource, FILTER_NAME};
+pub use envoy::{
+    try_write_ecds, write_ecds, Cluster, Envoy, EnvoyConfig, FilterSource, FILTER_NAME,
+};
 pub use upstream::{
     Behaviour, Options, Recorded, Stats, Upstream, CONTROL_PATH, STATS_PATH, UPSTREAM_HEADER,
 };

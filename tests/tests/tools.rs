@@ -360,3 +360,40 @@ async fn load_refuses_anything_but_127_0_0_0_8() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_ended_by_sigterm_still_prints_its_totals() {
+    use meshcanary_e2e::programs::LoadProgram;
+    let upstream = Upstream::start("stable").await;
+    let args: Vec<String> = [
+        "--url",
+        &format!("http://{}/", upstream.addr),
+        "--rps",
+        "50",
+        "--duration-s",
+        "60",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let load = LoadProgram::start(std::path::Path::new(LOAD), &args).expect("start");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let asked = Instant::now();
+    let summary = load
+        .stop(Duration::from_secs(10))
+        .await
+        .expect("a summary after SIGTERM");
+    assert!(
+        asked.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        asked.elapsed()
+    );
+    assert_eq!(summary["stopped_by_signal"], true, "{summary}");
+    let sent = summary["sent"].as_u64().expect("sent");
+    assert!(
+        (40..=60).contains(&sent),
+        "about a second at 50/s: {summary}"
+    );
+    assert_eq!(summary["completed"], sent);
+    assert_eq!(upstream.count() as u64, sent);
+}

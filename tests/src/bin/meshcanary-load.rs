@@ -7,13 +7,14 @@
 //! ```
 //!
 //! It sends GETs until --duration-s has passed or --max-requests were sent, whichever
-//! comes first, waits for the answers still on their way (each bounded by --timeout-ms),
-//! and prints one JSON summary line on stdout:
+//! comes first, or until it gets SIGTERM or SIGINT (so a caller such as the demo can end
+//! it early and still get the totals), waits for the answers still on their way (each
+//! bounded by --timeout-ms), and prints one JSON summary line on stdout:
 //!
 //! ```text
 //! {"sent":1200,"completed":1199,"errors":1,"first_error":"...","by_class":{"2xx":1150,"5xx":49},
 //!  "by_upstream":{"canary":{"2xx":50,"5xx":49},"stable":{"2xx":1100}},
-//!  "latency_ms":{"p50":1.2,"p99":9.8,"max":12.0},"elapsed_s":30.0}
+//!  "latency_ms":{"p50":1.2,"p99":9.8,"max":12.0},"elapsed_s":30.0,"stopped_by_signal":false}
 //! ```
 //!
 //! `errors` counts requests that got no HTTP answer (refused, reset, timed out);
@@ -75,7 +76,16 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    match run(plan).await {
+    // Registered before the first request, so that an early SIGTERM already ends the run
+    // with a summary instead of killing the process.
+    let stop = match stop_signal() {
+        Ok(stop) => stop,
+        Err(e) => {
+            eprintln!("meshcanary-load: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(plan, stop).await {
         Ok(summary) => {
             println!("{summary}");
             ExitCode::SUCCESS
@@ -215,7 +225,25 @@ impl Tally {
     }
 }
 
-async fn run(plan: Plan) -> Result<serde_json::Value, String> {
+/// Resolves at the first SIGTERM or SIGINT.
+fn stop_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let listen =
+        |kind: SignalKind| signal(kind).map_err(|e| format!("cannot listen for signals: {e}"));
+    let mut terminate = listen(SignalKind::terminate())?;
+    let mut interrupt = listen(SignalKind::interrupt())?;
+    Ok(async move {
+        tokio::select! {
+            _ = terminate.recv() => {}
+            _ = interrupt.recv() => {}
+        }
+    })
+}
+
+async fn run(
+    plan: Plan,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<serde_json::Value, String> {
     let client = reqwest::Client::builder()
         // Neither a proxy from the environment nor a redirect may take load off loopback.
         .no_proxy()
@@ -231,6 +259,8 @@ async fn run(plan: Plan) -> Result<serde_json::Value, String> {
         .checked_add(plan.duration)
         .ok_or("--duration-s is too large")?;
     let mut sent = 0;
+    tokio::pin!(stop);
+    let mut stopped_by_signal = false;
 
     while sent < plan.max_requests {
         // Request k is due at start + k / rps, so the average rate holds even after a
@@ -240,11 +270,21 @@ async fn run(plan: Plan) -> Result<serde_json::Value, String> {
             if offset >= plan.duration.as_secs_f64() {
                 break;
             }
-            tokio::time::sleep_until(start + Duration::from_secs_f64(offset)).await;
+            tokio::select! {
+                () = tokio::time::sleep_until(start + Duration::from_secs_f64(offset)) => {}
+                () = &mut stop => {
+                    stopped_by_signal = true;
+                    break;
+                }
+            }
         }
         let slot = tokio::select! {
             slot = Arc::clone(&slots).acquire_owned() => slot.map_err(|e| e.to_string())?,
             () = tokio::time::sleep_until(deadline) => break,
+            () = &mut stop => {
+                stopped_by_signal = true;
+                break;
+            }
         };
         if Instant::now() >= deadline {
             break;
@@ -296,6 +336,7 @@ async fn run(plan: Plan) -> Result<serde_json::Value, String> {
         "by_upstream": tally.by_upstream,
         "latency_ms": {"p50": millis(0.50), "p99": millis(0.99), "max": millis(1.0)},
         "elapsed_s": elapsed.as_secs_f64(),
+        "stopped_by_signal": stopped_by_signal,
     }))
 }
 
