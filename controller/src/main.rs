@@ -3,18 +3,22 @@
 //! Exit codes (a public contract): 0 promoted (canary at 100 %), 3 rolled back or
 //! aborted (canary at 0 %), 2 invalid spec or usage, 1 anything else.
 
+mod serve;
+
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, Outcome, RunError};
-use meshcanary_controller::sink::ecds_file::EcdsFile;
-use meshcanary_controller::sink::ConfigSink;
+use meshcanary_controller::sink::kubernetes::{render_manifest, ManifestError};
+use meshcanary_controller::sink::{AnySink, ConfigSink};
 use meshcanary_controller::source::envoy_admin::EnvoyAdmin;
+use meshcanary_controller::source::istio::IstioPrometheus;
 use meshcanary_controller::source::prometheus::Prometheus;
 use meshcanary_controller::source::{MetricSource, Query, Snapshot, SourceError};
-use meshcanary_controller::spec::{RolloutSpec, SinkSpec, SourceSpec};
+use meshcanary_controller::spec::{PrometheusMetrics, RolloutSpec, SourceSpec};
 use meshcanary_policy::Policy;
 use serde_json::json;
 
@@ -55,17 +59,38 @@ enum Command {
         /// The rollout spec.
         spec: PathBuf,
     },
+    /// Long-running controller (for a Deployment): drive the spec's rollout, start a new
+    /// one when the spec changes, serve /metrics and /healthz; SIGTERM saves and exits.
+    Serve {
+        /// The rollout spec.
+        spec: PathBuf,
+        /// Address for /metrics and /healthz.
+        #[arg(long, default_value = "0.0.0.0:9464")]
+        listen: SocketAddr,
+    },
     /// Print exactly what the sink would write for the rollout's current state.
     Render {
         /// The rollout spec.
         spec: PathBuf,
+        /// `kubernetes`: print the EnvoyFilter to commit (GitOps) for the rollout's first
+        /// step, without contacting a cluster; needs a sink.kubernetes section.
+        #[arg(long, value_enum)]
+        sink: Option<RenderSink>,
     },
 }
 
+/// What `render --sink` renders for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RenderSink {
+    /// The Istio EnvoyFilter of the Kubernetes sink.
+    Kubernetes,
+}
+
 /// The configured metric source.
-enum Source {
+pub(crate) enum Source {
     EnvoyAdmin(EnvoyAdmin),
     Prometheus(Prometheus),
+    Istio(IstioPrometheus),
 }
 
 impl MetricSource for Source {
@@ -73,6 +98,7 @@ impl MetricSource for Source {
         match self {
             Source::EnvoyAdmin(s) => s.read(query).await,
             Source::Prometheus(s) => s.read(query).await,
+            Source::Istio(s) => s.read(query).await,
         }
     }
 
@@ -80,22 +106,45 @@ impl MetricSource for Source {
         match self {
             Source::EnvoyAdmin(s) => s.describe(),
             Source::Prometheus(s) => s.describe(),
+            Source::Istio(s) => s.describe(),
         }
     }
 }
 
-fn source(spec: &RolloutSpec) -> Source {
+pub(crate) fn source(spec: &RolloutSpec) -> Source {
     let client = reqwest::Client::new();
     match &spec.source {
         SourceSpec::EnvoyAdmin(urls) => Source::EnvoyAdmin(EnvoyAdmin::new(urls.clone(), client)),
-        SourceSpec::Prometheus { url } => Source::Prometheus(Prometheus::new(url.clone(), client)),
+        SourceSpec::Prometheus {
+            url,
+            matchers,
+            metrics: PrometheusMetrics::Filter,
+        } => {
+            Source::Prometheus(Prometheus::new(url.clone(), client).with_matchers(matchers.clone()))
+        }
+        SourceSpec::Prometheus {
+            url,
+            matchers,
+            metrics:
+                PrometheusMetrics::Istio {
+                    destination_service,
+                    reporter,
+                    versions,
+                },
+        } => {
+            let mut istio = IstioPrometheus::new(url.clone(), destination_service.clone(), client)
+                .with_reporter(reporter.clone())
+                .with_matchers(matchers.clone());
+            for (variant, label) in versions {
+                istio = istio.with_version_label(variant.clone(), label.clone());
+            }
+            Source::Istio(istio)
+        }
     }
 }
 
-fn sink(spec: &RolloutSpec) -> EcdsFile {
-    match &spec.sink {
-        SinkSpec::EcdsFile(ecds) => EcdsFile::new(ecds.clone()),
-    }
+pub(crate) fn sink(spec: &RolloutSpec) -> AnySink {
+    AnySink::new(spec)
 }
 
 #[tokio::main]
@@ -120,9 +169,20 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => validate(&file, &mut out),
         Command::Run { spec } => with_spec(&spec, &mut out, run).await,
+        Command::Serve { spec, listen } => match serve::serve(&spec, listen, out).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("meshcanary: {}", e);
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
         Command::Status { spec } => with_spec(&spec, &mut out, status).await,
         Command::Abort { spec } => with_spec(&spec, &mut out, abort).await,
-        Command::Render { spec } => with_spec(&spec, &mut out, render).await,
+        Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
+        Command::Render {
+            spec,
+            sink: Some(RenderSink::Kubernetes),
+        } => with_spec(&spec, &mut out, render_kubernetes).await,
     }
 }
 
@@ -288,8 +348,25 @@ async fn render(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
     }
 }
 
+/// `render --sink kubernetes`: offline and deterministic; exit 2 without a sink.kubernetes.
+async fn render_kubernetes(spec: &RolloutSpec, _out: &mut Output) -> ExitCode {
+    match render_manifest(spec) {
+        Ok(text) => {
+            print!("{}", text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshcanary: {}: {}", spec.file.display(), e);
+            match e {
+                ManifestError::NotKubernetes(_) => ExitCode::from(EXIT_INVALID),
+                ManifestError::Render(_) => ExitCode::from(EXIT_FAILURE),
+            }
+        }
+    }
+}
+
 /// Resolves on SIGINT or SIGTERM: the rollout saves its record and stops, resumable.
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let terminate = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
             Ok(mut s) => {

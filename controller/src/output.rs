@@ -14,10 +14,14 @@ pub enum Format {
     Json,
 }
 
+/// Something that wants to see every event (e.g. the `serve` mode's metrics).
+pub type Observer = Box<dyn FnMut(&str, &Value) + Send>;
+
 /// Where events go (standard output), with the time since the command started.
 pub struct Output {
     format: Format,
     started: Instant,
+    observer: Option<Observer>,
 }
 
 impl Output {
@@ -26,12 +30,28 @@ impl Output {
         Output {
             format,
             started: Instant::now(),
+            observer: None,
+        }
+    }
+
+    /// Also hands every event (printed or not) to `observer`.
+    pub fn with_observer(mut self, observer: Observer) -> Output {
+        self.observer = Some(observer);
+        self
+    }
+
+    /// Tells the observer about an event without printing it (a hold that repeats the
+    /// previous one, say).
+    pub fn notify(&mut self, kind: &str, data: &Value) {
+        if let Some(observer) = self.observer.as_mut() {
+            observer(kind, data);
         }
     }
 
     /// Prints one event: a kind (`start`, `applied`, `hold`, `promote`, `complete`,
     /// `rollback`, `aborted`, `source`, `error`, …), a human message and its data.
     pub fn event(&mut self, kind: &str, message: String, data: Value) {
+        self.notify(kind, &data);
         let t = self.started.elapsed().as_secs_f64();
         let line = match self.format {
             Format::Text => format!("[{:>7.1}s] {:<8} {}", t, kind, message),

@@ -81,6 +81,7 @@ pub fn rollout_id(spec: &RolloutSpec) -> RolloutId {
         policy: spec.policy.name.clone(),
         split_rule: spec.split_rule.clone(),
         canary: spec.canary.clone(),
+        revision: spec.revision.clone(),
     }
 }
 
@@ -148,10 +149,21 @@ where
     S: MetricSource,
     K: ConfigSink,
 {
-    let _claim = sink.claim()?;
+    let _claim = sink.claim().await?;
     let id = rollout_id(spec);
     let steps = &spec.judge.steps;
-    let mut record = match sink.load().await? {
+    let saved = match sink.load().await? {
+        // A finished rollout of an earlier revision of this spec: this is a new release.
+        Some(record)
+            if record.rollout.revision != id.revision
+                && record.rollout.same_target(&id)
+                && finished(&record).is_some() =>
+        {
+            None
+        }
+        other => other,
+    };
+    let mut record = match saved {
         Some(record) if record.rollout != id => {
             return Err(RunError::OtherRollout {
                 found: Box::new(record.rollout),
@@ -277,7 +289,8 @@ where
                 record.state = next;
                 let line = verdict.to_string();
                 let reason = verdict.reason_text();
-                // One line when the reason changes, and a progress line every 10 s.
+                // One line when the reason changes, and a progress line every 10 s; the
+                // observer (metrics) sees every hold.
                 if reason != last_hold || at.saturating_sub(last_hold_at) >= Duration::from_secs(10)
                 {
                     out.event(
@@ -287,6 +300,8 @@ where
                     );
                     last_hold = reason;
                     last_hold_at = at;
+                } else {
+                    out.notify("hold", &json!({"verdict": "hold"}));
                 }
                 record.updated_unix_ms = unix_ms();
                 sink.save(&record).await?;
@@ -401,7 +416,8 @@ pub async fn abort<K: ConfigSink>(
 ) -> Result<(), RunError> {
     let id = rollout_id(spec);
     let mut record = match sink.load().await? {
-        Some(r) if r.rollout != id => {
+        // Any revision of this rollout can be aborted.
+        Some(r) if !r.rollout.same_target(&id) => {
             return Err(RunError::OtherRollout {
                 found: Box::new(r.rollout),
                 expected: Box::new(id),

@@ -4,6 +4,7 @@
 //! Like the policy, the spec is read through a JSON value and validated by a walker that
 //! reports every problem with its path, unknown fields included.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -25,6 +26,8 @@ pub const ENVOY_DEFAULT_BUCKETS_MS: [f64; 19] = [
 pub struct RolloutSpec {
     /// Where the spec was read from; relative paths in it are relative to its folder.
     pub file: PathBuf,
+    /// Content hash (hex) of the spec text and the base policy file: names the release.
+    pub revision: String,
     /// The base policy (as written, so fields the controller does not touch are kept).
     pub policy_document: Value,
     /// The base policy, validated.
@@ -53,6 +56,27 @@ pub enum SourceSpec {
     Prometheus {
         /// Base URL, e.g. `http://127.0.0.1:9090`.
         url: String,
+        /// Extra label matchers (PromQL, without braces) picking the series that count.
+        matchers: String,
+        /// Which metrics: the filter's own, or Istio's standard ones.
+        metrics: PrometheusMetrics,
+    },
+}
+
+/// Which metrics a Prometheus source reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrometheusMetrics {
+    /// The filter's per-variant metrics (`meshcanary_<policy>_variant_<variant>_…`).
+    Filter,
+    /// Istio's `istio_requests_total` and `istio_request_duration_milliseconds_bucket`,
+    /// by `destination_version`.
+    Istio {
+        /// The service's `destination_service` label, e.g. `checkout.shop.svc.cluster.local`.
+        destination_service: String,
+        /// The `reporter` label: `source` (the caller's sidecar, default) or `destination`.
+        reporter: String,
+        /// `destination_version` per variant, when it differs from the variant's name.
+        versions: std::collections::BTreeMap<String, String>,
     },
 }
 
@@ -61,6 +85,8 @@ pub enum SourceSpec {
 pub enum SinkSpec {
     /// An ECDS file a standalone Envoy watches.
     EcdsFile(EcdsFileSpec),
+    /// An Istio EnvoyFilter, written through the Kubernetes API.
+    Kubernetes(KubernetesSpec),
 }
 
 /// The ECDS file sink.
@@ -75,6 +101,73 @@ pub struct EcdsFileSpec {
     /// Envoy admin endpoints that confirm each update (default: the envoy_admin source's).
     pub admin: Vec<String>,
 }
+
+/// The Kubernetes sink: an Istio `EnvoyFilter` (`networking.istio.io/v1alpha3`) that
+/// installs the filter before `envoy.filters.http.router` and delivers the policy by
+/// ECDS, written by server-side apply (see [`crate::sink::kubernetes`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KubernetesSpec {
+    /// Namespace of the EnvoyFilter (and of the controller's Lease).
+    pub namespace: String,
+    /// Name of the EnvoyFilter; the Lease is `meshcanary-<name>`.
+    pub name: String,
+    /// `workloadSelector.labels`: the proxies that get the filter (the callers' sidecars
+    /// and the gateways, since routing happens on the caller's side). `None`: every
+    /// workload in the namespace (every workload in the mesh in Istio's root namespace).
+    pub workload_selector: Option<BTreeMap<String, String>>,
+    /// Name of the HTTP filter and of its ECDS resource (`meshcanary` by default).
+    pub filter_name: String,
+    /// Where the proxies get the module.
+    pub wasm: WasmCode,
+    /// The patch contexts the filter is installed for (default both, in this order).
+    pub context: Vec<PatchContext>,
+    /// A kubeconfig file (relative to the spec); default: in-cluster, then `KUBECONFIG`,
+    /// then `~/.kube/config`.
+    pub kubeconfig: Option<PathBuf>,
+}
+
+/// `vm_config.code` of the Wasm filter in the EnvoyFilter.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WasmCode {
+    /// `local.filename`: an absolute path on the proxy (mounted into `istio-proxy`).
+    Local(String),
+    /// `remote.http_uri`: the Istio agent downloads the module and checks its sha256.
+    Http {
+        /// `http://` or `https://` URL of the module.
+        url: String,
+        /// Lower-case hex SHA-256 of the module.
+        sha256: String,
+    },
+}
+
+/// An EnvoyFilter `match.context` the filter is installed for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PatchContext {
+    /// The outbound listeners of sidecars: the caller's proxy routes.
+    SidecarOutbound,
+    /// Gateways.
+    Gateway,
+}
+
+impl PatchContext {
+    /// The name Istio uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PatchContext::SidecarOutbound => "SIDECAR_OUTBOUND",
+            PatchContext::Gateway => "GATEWAY",
+        }
+    }
+}
+
+const KUBERNETES_FIELDS: &[&str] = &[
+    "namespace",
+    "name",
+    "workload_selector",
+    "filter_name",
+    "wasm",
+    "context",
+    "kubeconfig",
+];
 
 const SPEC_FIELDS: &[&str] = &[
     "policy",
@@ -126,7 +219,15 @@ impl RolloutSpec {
         };
         let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
         let mut reader = Reader { w: walker, base };
-        let spec = reader.spec(&value, file);
+        let spec = reader.spec(&value, file).map(|mut spec| {
+            let mut content = text.as_bytes().to_vec();
+            content.extend_from_slice(spec.policy_document.to_string().as_bytes());
+            spec.revision = format!(
+                "{:016x}",
+                meshcanary_policy::bucket::fnv_position(b"meshcanary/revision", &content)
+            );
+            spec
+        });
         reader.w.finish(spec)
     }
 
@@ -221,6 +322,7 @@ impl Reader {
         }
         Some(RolloutSpec {
             file: file.to_path_buf(),
+            revision: String::new(),
             policy_document,
             policy,
             split_rule: split_rule?.to_string(),
@@ -524,6 +626,115 @@ impl Reader {
         }
     }
 
+    fn prometheus(&mut self, value: &Value) -> Option<SourceSpec> {
+        let path = "source.prometheus";
+        let fields = [
+            "url",
+            "metrics",
+            "matchers",
+            "destination_service",
+            "reporter",
+            "versions",
+        ];
+        let p = self.w.object(value, path, &fields)?;
+        let url = self
+            .w
+            .required(p, path, "url")
+            .and_then(|u| self.urls(u, "source.prometheus.url"))
+            .map(|mut urls| urls.remove(0));
+        let matchers = match p.get("matchers") {
+            None => Some(String::new()),
+            Some(m) => self
+                .w
+                .string(m, "source.prometheus.matchers")
+                .map(str::to_string),
+        };
+        let metrics = match p.get("metrics").map(Value::as_str) {
+            None | Some(Some("filter")) => {
+                for field in ["destination_service", "reporter", "versions"] {
+                    if p.contains_key(field) {
+                        self.w.error(&join(path, field), "only with metrics: istio");
+                    }
+                }
+                Some(PrometheusMetrics::Filter)
+            }
+            Some(Some("istio")) => self.istio_metrics(p),
+            Some(_) => {
+                self.w.error(
+                    "source.prometheus.metrics",
+                    "expected \"filter\" or \"istio\"",
+                );
+                None
+            }
+        };
+        Some(SourceSpec::Prometheus {
+            url: url?,
+            matchers: matchers?,
+            metrics: metrics?,
+        })
+    }
+
+    fn istio_metrics(&mut self, p: &Map<String, Value>) -> Option<PrometheusMetrics> {
+        let path = "source.prometheus";
+        let destination_service = self
+            .w
+            .required(p, path, "destination_service")
+            .and_then(|v| self.w.string(v, "source.prometheus.destination_service"))
+            .map(str::to_string);
+        let reporter = match p.get("reporter").map(Value::as_str) {
+            None => Some("source".to_string()),
+            Some(Some(r)) if r == "source" || r == "destination" => Some(r.to_string()),
+            Some(_) => {
+                self.w.error(
+                    "source.prometheus.reporter",
+                    "expected \"source\" or \"destination\"",
+                );
+                None
+            }
+        };
+        let versions = match p.get("versions") {
+            None => Some(std::collections::BTreeMap::new()),
+            Some(Value::Object(map)) => {
+                let mut versions = std::collections::BTreeMap::new();
+                let mut ok = true;
+                for (variant, label) in map {
+                    match label.as_str() {
+                        Some(l) if !l.is_empty() => {
+                            versions.insert(variant.clone(), l.to_string());
+                        }
+                        _ => {
+                            self.w.error(
+                                &format!("source.prometheus.versions.{}", variant),
+                                "expected a non-empty destination_version label",
+                            );
+                            ok = false;
+                        }
+                    }
+                }
+                if ok {
+                    Some(versions)
+                } else {
+                    None
+                }
+            }
+            Some(other) => {
+                self.w.error(
+                    "source.prometheus.versions",
+                    format!(
+                        "expected a map of variant to destination_version, found {}",
+                        kind(other)
+                    ),
+                );
+                None
+            }
+        };
+        Some(PrometheusMetrics::Istio {
+            destination_service: destination_service?,
+            reporter: reporter?,
+            versions: versions?,
+        })
+    }
+
     fn source(&mut self, value: &Value) -> Option<SourceSpec> {
         let map = self
             .w
@@ -532,14 +743,7 @@ impl Reader {
             (Some(v), None) => self
                 .urls(v, "source.envoy_admin")
                 .map(SourceSpec::EnvoyAdmin),
-            (None, Some(v)) => {
-                let p = self.w.object(v, "source.prometheus", &["url"])?;
-                let url = self.w.required(p, "source.prometheus", "url")?;
-                let mut urls = self.urls(url, "source.prometheus.url")?;
-                Some(SourceSpec::Prometheus {
-                    url: urls.remove(0),
-                })
-            }
+            (None, Some(v)) => self.prometheus(v),
             _ => {
                 self.w
                     .error("source", "expected exactly one of envoy_admin, prometheus");
@@ -549,14 +753,19 @@ impl Reader {
     }
 
     fn sink(&mut self, value: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
-        let map = self.w.object(value, "sink", &["ecds_file"])?;
-        let ecds = match map.get("ecds_file") {
-            Some(v) => v,
-            None => {
-                self.w.error("sink", "expected ecds_file");
-                return None;
+        let map = self.w.object(value, "sink", &["ecds_file", "kubernetes"])?;
+        match (map.get("ecds_file"), map.get("kubernetes")) {
+            (Some(ecds), None) => self.ecds_file(ecds, source),
+            (None, Some(kubernetes)) => self.kubernetes(kubernetes),
+            _ => {
+                self.w
+                    .error("sink", "expected ecds_file or kubernetes (exactly one)");
+                None
             }
-        };
+        }
+    }
+
+    fn ecds_file(&mut self, ecds: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
         let p = "sink.ecds_file";
         let m = self
             .w
@@ -608,6 +817,291 @@ impl Reader {
             admin: admin?,
         }))
     }
+
+    fn kubernetes(&mut self, value: &Value) -> Option<SinkSpec> {
+        let p = "sink.kubernetes";
+        let m = self.w.object(value, p, KUBERNETES_FIELDS)?;
+        let namespace = self
+            .w
+            .required(m, p, "namespace")
+            .and_then(|v| self.w.string(v, "sink.kubernetes.namespace"))
+            .and_then(|s| self.dns_name(s, "sink.kubernetes.namespace", 63, false));
+        // The Lease is `meshcanary-<name>` and must be a valid name too.
+        let name = self
+            .w
+            .required(m, p, "name")
+            .and_then(|v| self.w.string(v, "sink.kubernetes.name"))
+            .and_then(|s| self.dns_name(s, "sink.kubernetes.name", 253 - 11, true));
+        let workload_selector = match m.get("workload_selector") {
+            None => Some(None),
+            Some(v) => self.workload_selector(v).map(Some),
+        };
+        let filter_name = match m.get("filter_name") {
+            None => Some("meshcanary".to_string()),
+            Some(v) => match self.w.string(v, "sink.kubernetes.filter_name") {
+                Some(s) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
+                    Some(s.to_string())
+                }
+                Some(_) => {
+                    self.w.error(
+                        "sink.kubernetes.filter_name",
+                        "must be a non-empty name without spaces",
+                    );
+                    None
+                }
+                None => None,
+            },
+        };
+        let wasm = self
+            .w
+            .required(m, p, "wasm")
+            .and_then(|v| self.wasm_code(v));
+        let context = match m.get("context") {
+            None => Some(vec![PatchContext::SidecarOutbound, PatchContext::Gateway]),
+            Some(v) => self.contexts(v),
+        };
+        let kubeconfig = match m.get("kubeconfig") {
+            None => Some(None),
+            Some(v) => self
+                .w
+                .string(v, "sink.kubernetes.kubeconfig")
+                .map(|s| Some(self.base.join(s))),
+        };
+        Some(SinkSpec::Kubernetes(KubernetesSpec {
+            namespace: namespace?,
+            name: name?,
+            workload_selector: workload_selector?,
+            filter_name: filter_name?,
+            wasm: wasm?,
+            context: context?,
+            kubeconfig: kubeconfig?,
+        }))
+    }
+
+    /// A Kubernetes object name: a DNS-1123 label (namespaces) or subdomain.
+    fn dns_name(&mut self, s: &str, path: &str, max: usize, dots: bool) -> Option<String> {
+        let part_ok = |part: &str| {
+            !part.is_empty()
+                && part
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+                && !part.starts_with('-')
+                && !part.ends_with('-')
+        };
+        let ok = s.len() <= max
+            && if dots {
+                s.split('.').all(part_ok)
+            } else {
+                part_ok(s)
+            };
+        if ok {
+            Some(s.to_string())
+        } else {
+            self.w.error(
+                path,
+                format!(
+                    "{:?} is not a valid Kubernetes name (lower-case letters, digits and '-'{}, at most {} characters, starting and ending with a letter or digit)",
+                    s,
+                    if dots { ", '.'" } else { "" },
+                    max
+                ),
+            );
+            None
+        }
+    }
+
+    fn workload_selector(&mut self, value: &Value) -> Option<BTreeMap<String, String>> {
+        let p = "sink.kubernetes.workload_selector";
+        let m = self.w.object(value, p, &["labels"])?;
+        let labels = self.w.required(m, p, "labels")?;
+        let lp = "sink.kubernetes.workload_selector.labels";
+        let labels = match labels.as_object() {
+            Some(l) if !l.is_empty() => l,
+            _ => {
+                self.w.error(
+                    lp,
+                    "expected a non-empty map of labels (omit workload_selector to select every workload in the namespace)",
+                );
+                return None;
+            }
+        };
+        let mut out = BTreeMap::new();
+        let mut ok = true;
+        for (key, v) in labels {
+            let path = join(lp, key);
+            if !label_key_ok(key) {
+                self.w.error(&path, "not a valid label key");
+                ok = false;
+            }
+            match v.as_str() {
+                Some(s) if label_value_ok(s) => {
+                    out.insert(key.clone(), s.to_string());
+                }
+                Some(s) => {
+                    self.w
+                        .error(&path, format!("{:?} is not a valid label value", s));
+                    ok = false;
+                }
+                None => {
+                    self.w.error(
+                        &path,
+                        format!("expected a string (quote it), found {}", kind(v)),
+                    );
+                    ok = false;
+                }
+            }
+        }
+        if ok {
+            Some(out)
+        } else {
+            None
+        }
+    }
+
+    fn wasm_code(&mut self, value: &Value) -> Option<WasmCode> {
+        let p = "sink.kubernetes.wasm";
+        let m = self.w.object(value, p, &["local", "http"])?;
+        match (m.get("local"), m.get("http")) {
+            (Some(v), None) => {
+                let path = self.w.string(v, "sink.kubernetes.wasm.local")?;
+                if path.starts_with('/') {
+                    Some(WasmCode::Local(path.to_string()))
+                } else {
+                    self.w.error(
+                        "sink.kubernetes.wasm.local",
+                        format!("{:?}: expected an absolute path on the proxy (inside the istio-proxy container)", path),
+                    );
+                    None
+                }
+            }
+            (None, Some(v)) => {
+                let hp = "sink.kubernetes.wasm.http";
+                let h = self.w.object(v, hp, &["url", "sha256"])?;
+                // Fetched by the Istio agent on each proxy, not by the controller.
+                let url = self
+                    .w
+                    .required(h, hp, "url")
+                    .and_then(|u| match u.as_str() {
+                        Some(s)
+                            if ["http://", "https://"].iter().any(|scheme| {
+                                s.strip_prefix(scheme).is_some_and(|rest| {
+                                    !rest.is_empty() && !rest.chars().any(char::is_whitespace)
+                                })
+                            }) =>
+                        {
+                            Some(s.to_string())
+                        }
+                        _ => {
+                            self.w.error(
+                                "sink.kubernetes.wasm.http.url",
+                                format!("expected an http:// or https:// URL, found {}", u),
+                            );
+                            None
+                        }
+                    });
+                // Istio's agent verifies the download against it; without it, the module
+                // is downloaded again and again (Istio's "Distributing WebAssembly Modules").
+                let sha256 = self
+                    .w
+                    .required(h, hp, "sha256")
+                    .and_then(|s| self.w.string(s, "sink.kubernetes.wasm.http.sha256"))
+                    .and_then(|s| {
+                        if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
+                            Some(s.to_ascii_lowercase())
+                        } else {
+                            self.w.error(
+                                "sink.kubernetes.wasm.http.sha256",
+                                "expected the module's SHA-256 as 64 hex digits (sha256sum)",
+                            );
+                            None
+                        }
+                    });
+                Some(WasmCode::Http {
+                    url: url?,
+                    sha256: sha256?,
+                })
+            }
+            _ => {
+                self.w.error(p, "expected exactly one of local, http");
+                None
+            }
+        }
+    }
+
+    fn contexts(&mut self, value: &Value) -> Option<Vec<PatchContext>> {
+        let p = "sink.kubernetes.context";
+        let items = match value.as_array() {
+            Some(items) if !items.is_empty() => items,
+            _ => {
+                self.w
+                    .error(p, "expected a non-empty list of SIDECAR_OUTBOUND, GATEWAY");
+                return None;
+            }
+        };
+        let mut out = Vec::new();
+        let mut ok = true;
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("{}[{}]", p, i);
+            let context = match item.as_str() {
+                Some("SIDECAR_OUTBOUND") => PatchContext::SidecarOutbound,
+                Some("GATEWAY") => PatchContext::Gateway,
+                _ => {
+                    self.w.error(
+                        &path,
+                        format!(
+                            "expected SIDECAR_OUTBOUND or GATEWAY (routing happens on the caller's proxy), found {}",
+                            item
+                        ),
+                    );
+                    ok = false;
+                    continue;
+                }
+            };
+            if out.contains(&context) {
+                self.w
+                    .error(&path, format!("{} is listed twice", context.as_str()));
+                ok = false;
+            }
+            out.push(context);
+        }
+        if ok {
+            Some(out)
+        } else {
+            None
+        }
+    }
+}
+
+/// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
+/// characters (letters, digits, `-`, `_`, `.`, starting and ending alphanumeric).
+fn label_key_ok(key: &str) -> bool {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    let prefix_ok = prefix.is_none_or(|p| {
+        !p.is_empty()
+            && p.len() <= 253
+            && p.split('.').all(|part| {
+                !part.is_empty()
+                    && part
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            })
+    });
+    prefix_ok && !name.is_empty() && label_value_ok(name)
+}
+
+/// A label value: empty, or at most 63 letters, digits, `-`, `_`, `.`, starting and
+/// ending alphanumeric.
+fn label_value_ok(value: &str) -> bool {
+    value.is_empty()
+        || (value.len() <= 63
+            && value
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && value.starts_with(|c: char| c.is_ascii_alphanumeric())
+            && value.ends_with(|c: char| c.is_ascii_alphanumeric()))
 }
 
 /// Parses `500ms`, `10s`, `2m`, `1h` (or a bare number of seconds).

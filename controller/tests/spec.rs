@@ -2,7 +2,9 @@
 
 use std::path::PathBuf;
 
-use meshcanary_controller::spec::{RolloutSpec, SinkSpec, SourceSpec};
+use meshcanary_controller::spec::{
+    KubernetesSpec, PatchContext, RolloutSpec, SinkSpec, SourceSpec, WasmCode,
+};
 use meshcanary_controller::verdict::OnNoData;
 
 const POLICY: &str = r#"{
@@ -61,7 +63,9 @@ fn the_issue_example_is_valid_and_read_exactly() {
         spec.source,
         SourceSpec::EnvoyAdmin(vec!["http://127.0.0.1:9901".into()])
     );
-    let SinkSpec::EcdsFile(ecds) = &spec.sink;
+    let SinkSpec::EcdsFile(ecds) = &spec.sink else {
+        panic!("expected the ecds_file sink, got {:?}", spec.sink);
+    };
     assert_eq!(
         ecds.path,
         dir.path().join("policy.ecds.yaml"),
@@ -161,4 +165,168 @@ fn not_yaml_and_missing_fields() {
             "{field}: {errors:?}"
         );
     }
+}
+
+/// `VALID` with another sink section.
+fn with_sink(sink: &str) -> String {
+    let head = VALID.split("sink:").next().unwrap_or_default();
+    format!("{head}sink:\n{sink}")
+}
+
+#[test]
+fn the_kubernetes_sink_is_read_with_its_defaults() {
+    let (dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: shop\n    name: checkout-canary\n    workload_selector: {labels: {app: frontend, \"app.kubernetes.io/part-of\": shop}}\n    wasm: {local: /var/local/lib/wasm/meshcanary_filter.wasm}\n    kubeconfig: kube/config\n",
+    ));
+    let spec = parsed.expect("valid spec");
+    assert_eq!(
+        spec.sink,
+        SinkSpec::Kubernetes(KubernetesSpec {
+            namespace: "shop".into(),
+            name: "checkout-canary".into(),
+            workload_selector: Some(
+                [("app", "frontend"), ("app.kubernetes.io/part-of", "shop")]
+                    .into_iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect()
+            ),
+            filter_name: "meshcanary".into(),
+            wasm: WasmCode::Local("/var/local/lib/wasm/meshcanary_filter.wasm".into()),
+            context: vec![PatchContext::SidecarOutbound, PatchContext::Gateway],
+            kubeconfig: Some(dir.path().join("kube/config")),
+        })
+    );
+
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: shop\n    name: checkout-canary\n    filter_name: shop.meshcanary\n    context: [GATEWAY]\n    wasm:\n      http: {url: \"https://example.com/f.wasm\", sha256: \"ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789\"}\n",
+    ));
+    let spec = parsed.expect("valid spec");
+    let SinkSpec::Kubernetes(k) = &spec.sink else {
+        panic!("expected the kubernetes sink, got {:?}", spec.sink);
+    };
+    assert_eq!(k.workload_selector, None, "every workload in the namespace");
+    assert_eq!(k.filter_name, "shop.meshcanary");
+    assert_eq!(k.context, vec![PatchContext::Gateway]);
+    assert_eq!(
+        k.wasm,
+        WasmCode::Http {
+            url: "https://example.com/f.wasm".into(),
+            sha256: "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into(),
+        }
+    );
+}
+
+#[test]
+fn every_kubernetes_sink_problem_is_reported_with_its_path() {
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: Shop_1\n    name: -canary\n    workload_selector: {labels: {app: 3, \"bad key!\": x}}\n    filter_name: \"\"\n    wasm: {local: relative.wasm, http: {url: x}}\n    context: [SIDECAR_INBOUND, GATEWAY, GATEWAY]\n    colour: red\n",
+    ));
+    let errors = parsed.expect_err("invalid spec");
+    for expected in [
+        "sink.kubernetes.colour: unknown field",
+        "sink.kubernetes.namespace: \"Shop_1\" is not a valid Kubernetes name",
+        "sink.kubernetes.name: \"-canary\" is not a valid Kubernetes name",
+        "sink.kubernetes.workload_selector.labels.app: expected a string (quote it), found a number",
+        "sink.kubernetes.workload_selector.labels.bad key!: not a valid label key",
+        "sink.kubernetes.filter_name: must be a non-empty name without spaces",
+        "sink.kubernetes.wasm: expected exactly one of local, http",
+        "sink.kubernetes.context[0]: expected SIDECAR_OUTBOUND or GATEWAY",
+        "sink.kubernetes.context[2]: GATEWAY is listed twice",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "missing {expected:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    wasm: {http: {url: \"ftp://x\", sha256: abc}}\n",
+    ));
+    let errors = parsed.expect_err("invalid spec");
+    for expected in [
+        "sink.kubernetes.namespace: required field is missing",
+        "sink.kubernetes.name: required field is missing",
+        "sink.kubernetes.wasm.http.url: expected an http:// or https:// URL",
+        "sink.kubernetes.wasm.http.sha256: expected the module's SHA-256 as 64 hex digits",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "missing {expected:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: shop\n    name: c\n    wasm: {local: relative.wasm}\n  ecds_file: {path: x.yaml, wasm: f.wasm}\n",
+    ));
+    let errors = parsed.expect_err("invalid spec");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("sink: expected ecds_file or kubernetes (exactly one)")),
+        "{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
+fn prometheus_sources_read_the_filter_or_istio_metrics() {
+    let with_source = |source: &str| {
+        VALID.replace(
+            "source:\n  envoy_admin: [\"http://127.0.0.1:9901\"]\n",
+            &format!("source:\n{source}"),
+        )
+    };
+    // The sink still needs an admin to confirm ECDS updates.
+    let admin = "  ecds_file: {path: policy.ecds.yaml, filter_name: meshcanary, wasm: meshcanary_filter.wasm, admin: [\"http://127.0.0.1:9901\"]}\n";
+    let fix_sink = |text: String| {
+        text.replace(
+            "  ecds_file: {path: policy.ecds.yaml, filter_name: meshcanary, wasm: meshcanary_filter.wasm}\n",
+            admin,
+        )
+    };
+    let (_dir, parsed) = parse(&fix_sink(with_source(
+        "  prometheus: {url: \"http://prom:9090\"}\n",
+    )));
+    let spec = parsed.expect("valid");
+    assert!(matches!(
+        spec.source,
+        SourceSpec::Prometheus {
+            metrics: meshcanary_controller::spec::PrometheusMetrics::Filter,
+            ..
+        }
+    ));
+    let istio = "  prometheus:\n    url: http://prom:9090\n    metrics: istio\n    destination_service: checkout.shop.svc.cluster.local\n    versions: {canary: v2}\n";
+    let (_dir, parsed) = parse(&fix_sink(with_source(istio)));
+    match parsed.expect("valid").source {
+        SourceSpec::Prometheus {
+            metrics:
+                meshcanary_controller::spec::PrometheusMetrics::Istio {
+                    destination_service,
+                    reporter,
+                    versions,
+                },
+            ..
+        } => {
+            assert_eq!(destination_service, "checkout.shop.svc.cluster.local");
+            assert_eq!(reporter, "source");
+            assert_eq!(versions.get("canary").map(String::as_str), Some("v2"));
+        }
+        other => panic!("unexpected source {other:?}"),
+    }
+    let bad = "  prometheus:\n    url: http://prom:9090\n    metrics: linkerd\n    reporter: sidecar\n    destination_service: x\n";
+    let (_dir, parsed) = parse(&fix_sink(with_source(bad)));
+    let errors = parsed.expect_err("invalid");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("source.prometheus.metrics: expected \"filter\" or \"istio\"")),
+        "{errors:?}"
+    );
+    let missing = "  prometheus:\n    url: http://prom:9090\n    metrics: istio\n";
+    let (_dir, parsed) = parse(&fix_sink(with_source(missing)));
+    assert!(parsed
+        .expect_err("invalid")
+        .contains(&"source.prometheus.destination_service: required field is missing".to_string()));
 }

@@ -591,3 +591,59 @@ async fn prometheus_as_the_source_promotes_a_healthy_canary_and_rolls_back_a_bro
         drop(prometheus);
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_reports_metrics_and_starts_a_new_rollout_when_the_spec_changes() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |_, _| {}).await;
+    bench.start_load(300);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let mut serve = Controller::spawn(&["serve", &bench.spec_arg(), "--listen", &listen]);
+    let done = serve.wait_event("finished", RUN_LIMIT, |_| true).await;
+    assert!(done.is_some(), "{}", serve.transcript());
+    let client = reqwest::Client::new();
+    let health = client
+        .get(format!("http://{listen}/healthz"))
+        .send()
+        .await
+        .expect("healthz");
+    assert_eq!(health.status().as_u16(), 200);
+    let metrics = client
+        .get(format!("http://{listen}/metrics"))
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        "meshcanary_rollouts_started_total 1",
+        "meshcanary_rollouts_finished_total{kind=\"promoted\"} 1",
+        "meshcanary_verdicts_total{kind=\"complete\"} 1",
+        "meshcanary_canary_weight_percent 100",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+    // A new release: the spec's content changes, and a new rollout starts by itself.
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
+    spec["steps"] = json!([25, 100]);
+    std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+    let restarted = serve
+        .wait_event("applied", Duration::from_secs(30), |e| e["weight"] == 25)
+        .await;
+    assert!(restarted.is_some(), "{}", serve.transcript());
+    serve.terminate();
+    assert_eq!(
+        serve.wait(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        serve.transcript()
+    );
+}

@@ -119,8 +119,15 @@ pub fn ecds_document(filter_name: &str, wasm: &Path, policy: &Value, version: &s
     })
 }
 
-/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy.
+/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy, with the
+/// module read from a file on the proxy.
 pub fn wasm_filter_config(filter_name: &str, wasm: &Path, policy: &Value) -> Value {
+    wasm_filter_config_with_code(filter_name, json!({"local": {"filename": wasm}}), policy)
+}
+
+/// The same message with any `vm_config.code` (an `envoy.config.core.v3.AsyncDataSource`:
+/// `{"local": …}` or `{"remote": …}`).
+pub fn wasm_filter_config_with_code(filter_name: &str, code: Value, policy: &Value) -> Value {
     json!({
         "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
         "config": {
@@ -129,7 +136,7 @@ pub fn wasm_filter_config(filter_name: &str, wasm: &Path, policy: &Value) -> Val
             "vm_config": {
                 "vm_id": filter_name,
                 "runtime": "envoy.wasm.runtime.v8",
-                "code": {"local": {"filename": wasm}}
+                "code": code
             },
             "configuration": {
                 "@type": "type.googleapis.com/google.protobuf.StringValue",
@@ -139,15 +146,24 @@ pub fn wasm_filter_config(filter_name: &str, wasm: &Path, policy: &Value) -> Val
     })
 }
 
-/// The version Envoy reports for a record: policy name and generation.
+/// The version Envoy reports for a record: policy name, revision and generation.
 pub fn version_of(record: &Record) -> String {
-    format!("{}-{}", record.rollout.policy, record.generation)
+    // The revision keeps a new release's first write distinct from any earlier version.
+    let revision = record
+        .rollout
+        .revision
+        .get(..8)
+        .unwrap_or(&record.rollout.revision);
+    format!(
+        "{}-{}-{}",
+        record.rollout.policy, revision, record.generation
+    )
 }
 
 impl ConfigSink for EcdsFile {
     type Claim = File;
 
-    fn claim(&self) -> Result<File, SinkError> {
+    async fn claim(&self) -> Result<File, SinkError> {
         let path = self.lock_path();
         let file = File::options()
             .create(true)

@@ -9,6 +9,7 @@ use serde_json::Value;
 use crate::verdict;
 
 pub mod ecds_file;
+pub mod kubernetes;
 
 /// Names one rollout; a record of another rollout is never resumed.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +20,19 @@ pub struct RolloutId {
     pub split_rule: String,
     /// The variant under test.
     pub canary: String,
+    /// Content hash of the spec and base policy: a changed spec is a new release, so a
+    /// finished record of another revision does not stop a new rollout.
+    #[serde(default)]
+    pub revision: String,
+}
+
+impl RolloutId {
+    /// Same policy, rule and canary (the revision may differ).
+    pub fn same_target(&self, other: &RolloutId) -> bool {
+        self.policy == other.policy
+            && self.split_rule == other.split_rule
+            && self.canary == other.canary
+    }
 }
 
 /// What the controller persists next to the policy it writes.
@@ -68,6 +82,14 @@ pub enum SinkError {
         /// The last thing it saw.
         detail: String,
     },
+    /// The Kubernetes API server refused a request, or could not be reached in time.
+    #[error("{request}: {reason}")]
+    Api {
+        /// The request, e.g. `PATCH envoyfilters.networking.istio.io shop/checkout`.
+        request: String,
+        /// What went wrong and what to do about it.
+        reason: String,
+    },
     /// The saved record cannot be read.
     #[error("the saved rollout record {path} is unreadable: {reason}")]
     BadRecord {
@@ -84,8 +106,9 @@ pub trait ConfigSink {
     /// the operating system if the process dies).
     type Claim: Send;
 
-    /// Becomes the rollout's only writer, or fails with [`SinkError::Busy`].
-    fn claim(&self) -> Result<Self::Claim, SinkError>;
+    /// Becomes the rollout's only writer, or fails with [`SinkError::Busy`]. Async
+    /// because a claim may need the network (the Kubernetes sink's Lease).
+    fn claim(&self) -> impl Future<Output = Result<Self::Claim, SinkError>> + Send;
 
     /// The record saved with the last write, if any.
     fn load(&self) -> impl Future<Output = Result<Option<Record>, SinkError>> + Send;
@@ -112,4 +135,94 @@ pub trait ConfigSink {
 
     /// One line naming the sink, for logs.
     fn describe(&self) -> String;
+}
+
+/// The sink a spec names: what the CLI drives.
+pub enum AnySink {
+    /// [`ecds_file::EcdsFile`].
+    EcdsFile(ecds_file::EcdsFile),
+    /// [`kubernetes::Kubernetes`] (boxed: it is much larger than the file sink).
+    Kubernetes(Box<kubernetes::Kubernetes>),
+}
+
+/// The claim of an [`AnySink`].
+pub enum AnyClaim {
+    /// An OS file lock.
+    File(std::fs::File),
+    /// A Kubernetes Lease, renewed in the background.
+    Lease(Box<kubernetes::LeaseClaim>),
+}
+
+impl AnySink {
+    /// The sink for a validated spec (no I/O: the Kubernetes client is made on first use).
+    pub fn new(spec: &crate::spec::RolloutSpec) -> AnySink {
+        match &spec.sink {
+            crate::spec::SinkSpec::EcdsFile(ecds) => {
+                AnySink::EcdsFile(ecds_file::EcdsFile::new(ecds.clone()))
+            }
+            crate::spec::SinkSpec::Kubernetes(k) => AnySink::Kubernetes(Box::new(
+                kubernetes::Kubernetes::new(k.clone(), spec.judge.steps.clone()),
+            )),
+        }
+    }
+}
+
+impl ConfigSink for AnySink {
+    type Claim = AnyClaim;
+
+    async fn claim(&self) -> Result<AnyClaim, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.claim().await.map(AnyClaim::File),
+            AnySink::Kubernetes(s) => s.claim().await.map(|c| AnyClaim::Lease(Box::new(c))),
+        }
+    }
+
+    async fn load(&self) -> Result<Option<Record>, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.load().await,
+            AnySink::Kubernetes(s) => s.load().await,
+        }
+    }
+
+    async fn apply(&self, policy: &Value, record: &Record) -> Result<(), SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.apply(policy, record).await,
+            AnySink::Kubernetes(s) => s.apply(policy, record).await,
+        }
+    }
+
+    async fn save(&self, record: &Record) -> Result<(), SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.save(record).await,
+            AnySink::Kubernetes(s) => s.save(record).await,
+        }
+    }
+
+    async fn set_abort_mark(&self, on: bool) -> Result<(), SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.set_abort_mark(on).await,
+            AnySink::Kubernetes(s) => s.set_abort_mark(on).await,
+        }
+    }
+
+    async fn abort_marked(&self) -> Result<bool, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.abort_marked().await,
+            AnySink::Kubernetes(s) => s.abort_marked().await,
+        }
+    }
+
+    fn render(&self, policy: &Value, record: &Record) -> Result<String, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.render(policy, record),
+            AnySink::Kubernetes(s) => s.render(policy, record),
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            AnySink::EcdsFile(s) => s.describe(),
+            AnySink::Kubernetes(s) => s.describe(),
+        }
+    }
 }

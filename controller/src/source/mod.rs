@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::future::Future;
 
 pub mod envoy_admin;
+pub mod istio;
 pub mod prometheus;
 
 /// Cumulative counters of one variant, summed over every proxy the source reads.
