@@ -3,7 +3,11 @@
 #   make test      format check, clippy (host + wasm), unit tests (native + wasm32),
 #                  the wasm build, the controller's tests and the end-to-end tests
 #                  against real Envoy (and Prometheus)
+#   make demo      the main job, live on 127.0.0.1: Envoy with the filter, a stable and
+#                  a canary upstream, load, then a healthy canary promoted and a faulty
+#                  one rolled back by the real controller, with a summary (< 3 minutes)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
+#   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
 #   make toolchain install the Debian packages the build needs (as root)
 
@@ -16,7 +20,8 @@ VENV              := .venv
 ENVOY             := $(VENV)/bin/envoy
 WASM              := target/wasm/meshcanary_filter.wasm
 # Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy;
-# Prometheus for the Prometheus-source tests.
+# Prometheus for the Prometheus-source tests. (kubectl, for `kubectl kustomize` of the
+# Istio manifests, comes from the machine or from Debian's kubernetes-client.)
 DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus
 
 # Debian's cargo must never shadow rustup's for host builds.
@@ -31,7 +36,7 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -43,11 +48,12 @@ test: toolchain venv fmt-check lint unit wasm e2e
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ]; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v kubectl >/dev/null; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
 	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(DEBIAN_PACKAGES) >/dev/null; \
+	    command -v kubectl >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null; \
 	elif rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then \
 	    exit 0; \
 	else \
@@ -105,5 +111,20 @@ e2e: venv wasm
 	$(CARGO) build --locked -p meshcanary
 	$(CARGO) test --locked --workspace -- --test-threads 2
 
+# The Istio EnvoyFilter is generated from the controller's rollout spec, so it cannot drift
+# (tests/tests/istio_manifests.rs checks it is current).
+manifests:
+	$(CARGO) build --locked -p meshcanary
+	./target/debug/meshcanary render manifests/istio/controller/rollout.yaml --sink kubernetes > manifests/istio/envoyfilter.yaml
+
 clean:
 	rm -rf target filter/target
+
+## --- demo ------------------------------------------------------------------
+
+# Installs what it needs like `make test`, builds the controller and the demo's programs,
+# and runs the demo (tests/src/bin/meshcanary-demo.rs; options: `target/debug/meshcanary-demo
+# --help`). It stops every process it started, and gives up after 170 s.
+demo: toolchain venv wasm
+	$(CARGO) build --locked -p meshcanary -p meshcanary-e2e --bins
+	./target/debug/meshcanary-demo
