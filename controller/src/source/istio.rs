@@ -66,9 +66,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::{
-    cumulative_at, error_chain, excerpt, MetricSource, Query, Snapshot, SourceError, VariantCounts,
-};
+use super::{cumulative_at, MetricSource, Query, Snapshot, SourceError, VariantCounts};
 
 /// How long one query may take unless [`IstioPrometheus::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -175,7 +173,9 @@ impl IstioPrometheus {
 impl MetricSource for IstioPrometheus {
     async fn read(&self, query: &Query) -> Result<Snapshot, SourceError> {
         let plan = self.plan(query)?;
-        let result = self.instant_query(&plan.promql).await?;
+        let result =
+            super::prometheus::instant_query(&self.client, &self.url, self.timeout, &plan.promql)
+                .await?;
         plan.snapshot(&self.url, &result)
     }
 
@@ -190,78 +190,6 @@ impl MetricSource for IstioPrometheus {
             self.url, self.destination_service, self.reporter
         )
     }
-}
-
-impl IstioPrometheus {
-    /// Runs one instant query; returns its `data.result` vector. The same exchange as the
-    /// filter-metrics source's, kept here so that source stays untouched.
-    async fn instant_query(&self, promql: &str) -> Result<Vec<Value>, SourceError> {
-        let unreachable = |reason: String| SourceError::Unreachable {
-            endpoint: self.url.clone(),
-            reason,
-        };
-        let malformed = |reason: String| SourceError::Malformed {
-            endpoint: self.url.clone(),
-            reason,
-        };
-        let mut url =
-            reqwest::Url::parse(&format!("{}/api/v1/query", self.url.trim_end_matches('/')))
-                .map_err(|e| unreachable(format!("not a URL: {e}")))?;
-        url.query_pairs_mut().append_pair("query", promql);
-        let response = self
-            .client
-            .get(url)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
-        if !status.is_success() {
-            // Prometheus explains refusals in the body (`errorType`, `error`): a bad extra
-            // matcher shows up here as `bad_data: parse error …`.
-            let why = json
-                .as_ref()
-                .and_then(api_error)
-                .unwrap_or_else(|| excerpt(&body));
-            return Err(unreachable(format!(
-                "answered HTTP {} to {promql}: {why}",
-                status.as_u16()
-            )));
-        }
-        let json = json.ok_or_else(|| malformed(format!("not JSON: {}", excerpt(&body))))?;
-        if json.get("status").and_then(Value::as_str) != Some("success") {
-            let why = api_error(&json).unwrap_or_else(|| excerpt(&body));
-            return Err(unreachable(format!("refused {promql}: {why}")));
-        }
-        let data = json
-            .get("data")
-            .ok_or_else(|| malformed("no \"data\" in the answer".to_string()))?;
-        if data.get("resultType").and_then(Value::as_str) != Some("vector") {
-            return Err(malformed(format!(
-                "expected an instant vector, got resultType {}",
-                data.get("resultType").unwrap_or(&Value::Null)
-            )));
-        }
-        data.get("result")
-            .and_then(Value::as_array)
-            .cloned()
-            .ok_or_else(|| malformed("no \"result\" list in the answer".to_string()))
-    }
-}
-
-/// `errorType: error` from a Prometheus API error answer.
-fn api_error(json: &Value) -> Option<String> {
-    let error = json.get("error")?.as_str()?;
-    let kind = json
-        .get("errorType")
-        .and_then(Value::as_str)
-        .unwrap_or("error");
-    Some(format!("{kind}: {error}"))
 }
 
 /// The query for one read, and how to map its answer back to variants.

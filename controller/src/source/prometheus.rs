@@ -85,7 +85,7 @@ impl Prometheus {
 impl MetricSource for Prometheus {
     async fn read(&self, query: &Query) -> Result<Snapshot, SourceError> {
         let plan = Plan::new(query, &self.matchers, &self.url)?;
-        let result = self.instant_query(&plan.promql).await?;
+        let result = instant_query(&self.client, &self.url, self.timeout, &plan.promql).await?;
         let counts = plan.counts(&self.url, &result)?;
         Ok(Snapshot {
             variants: query.variants.iter().cloned().zip(counts).collect(),
@@ -101,65 +101,67 @@ impl MetricSource for Prometheus {
     }
 }
 
-impl Prometheus {
-    /// Runs one instant query; returns its `data.result` vector.
-    async fn instant_query(&self, promql: &str) -> Result<Vec<Value>, SourceError> {
-        let unreachable = |reason: String| SourceError::Unreachable {
-            endpoint: self.url.clone(),
-            reason,
-        };
-        let malformed = |reason: String| SourceError::Malformed {
-            endpoint: self.url.clone(),
-            reason,
-        };
-        let mut url =
-            reqwest::Url::parse(&format!("{}/api/v1/query", self.url.trim_end_matches('/')))
-                .map_err(|e| unreachable(format!("not a URL: {e}")))?;
-        url.query_pairs_mut().append_pair("query", promql);
-        let response = self
-            .client
-            .get(url)
-            .timeout(self.timeout)
-            .send()
-            .await
-            .map_err(|e| unreachable(error_chain(&e)))?;
-        let status = response.status();
-        let body = response
-            .bytes()
-            .await
-            .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
-        let json: Option<Value> = serde_json::from_slice(&body).ok();
-        if !status.is_success() {
-            // Prometheus explains refusals in the body (`errorType`, `error`): a bad extra
-            // matcher shows up here as `bad_data: parse error …`.
-            let why = json
-                .as_ref()
-                .and_then(api_error)
-                .unwrap_or_else(|| excerpt(&body));
-            return Err(unreachable(format!(
-                "answered HTTP {} to {promql}: {why}",
-                status.as_u16()
-            )));
-        }
-        let json = json.ok_or_else(|| malformed(format!("not JSON: {}", excerpt(&body))))?;
-        if json.get("status").and_then(Value::as_str) != Some("success") {
-            let why = api_error(&json).unwrap_or_else(|| excerpt(&body));
-            return Err(unreachable(format!("refused {promql}: {why}")));
-        }
-        let data = json
-            .get("data")
-            .ok_or_else(|| malformed("no \"data\" in the answer".to_string()))?;
-        if data.get("resultType").and_then(Value::as_str) != Some("vector") {
-            return Err(malformed(format!(
-                "expected an instant vector, got resultType {}",
-                data.get("resultType").unwrap_or(&Value::Null)
-            )));
-        }
-        data.get("result")
-            .and_then(Value::as_array)
-            .cloned()
-            .ok_or_else(|| malformed("no \"result\" list in the answer".to_string()))
+/// Runs one instant query (`GET /api/v1/query`) on the Prometheus at `base_url`; returns
+/// its `data.result` vector. Shared by both Prometheus sources (filter and Istio metrics).
+pub(crate) async fn instant_query(
+    client: &reqwest::Client,
+    base_url: &str,
+    timeout: Duration,
+    promql: &str,
+) -> Result<Vec<Value>, SourceError> {
+    let unreachable = |reason: String| SourceError::Unreachable {
+        endpoint: base_url.to_string(),
+        reason,
+    };
+    let malformed = |reason: String| SourceError::Malformed {
+        endpoint: base_url.to_string(),
+        reason,
+    };
+    let mut url = reqwest::Url::parse(&format!("{}/api/v1/query", base_url.trim_end_matches('/')))
+        .map_err(|e| unreachable(format!("not a URL: {e}")))?;
+    url.query_pairs_mut().append_pair("query", promql);
+    let response = client
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
+    let json: Option<Value> = serde_json::from_slice(&body).ok();
+    if !status.is_success() {
+        // Prometheus explains refusals in the body (`errorType`, `error`): a bad extra
+        // matcher shows up here as `bad_data: parse error …`.
+        let why = json
+            .as_ref()
+            .and_then(api_error)
+            .unwrap_or_else(|| excerpt(&body));
+        return Err(unreachable(format!(
+            "answered HTTP {} to {promql}: {why}",
+            status.as_u16()
+        )));
     }
+    let json = json.ok_or_else(|| malformed(format!("not JSON: {}", excerpt(&body))))?;
+    if json.get("status").and_then(Value::as_str) != Some("success") {
+        let why = api_error(&json).unwrap_or_else(|| excerpt(&body));
+        return Err(unreachable(format!("refused {promql}: {why}")));
+    }
+    let data = json
+        .get("data")
+        .ok_or_else(|| malformed("no \"data\" in the answer".to_string()))?;
+    if data.get("resultType").and_then(Value::as_str) != Some("vector") {
+        return Err(malformed(format!(
+            "expected an instant vector, got resultType {}",
+            data.get("resultType").unwrap_or(&Value::Null)
+        )));
+    }
+    data.get("result")
+        .and_then(Value::as_array)
+        .cloned()
+        .ok_or_else(|| malformed("no \"result\" list in the answer".to_string()))
 }
 
 /// `errorType: error` from a Prometheus API error answer.
