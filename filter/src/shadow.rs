@@ -16,7 +16,7 @@ use meshcanary_policy::mirror::BodyDigest;
 use meshcanary_policy::{Compare, Mirror};
 use proxy_wasm::types::MetricType;
 
-use crate::host;
+use crate::host::{self, HeaderMap};
 use crate::metrics::{bump, parse_status, record, response_class, Handle, RESPONSE_CLASSES};
 
 /// Why an eligible request was not copied, as counted in `shadow.skipped.<reason>`.
@@ -156,40 +156,57 @@ impl Shadow {
         bump(self.metrics.skipped[reason as usize]);
     }
 
-    /// Starts a copy of the current request (call from `on_http_request_headers`).
-    /// `None` when it cannot be copied; the reason has been counted.
-    pub fn begin(&self) -> Option<CopyInProgress> {
+    /// Starts a copy of the current request from its headers (`request`, read in
+    /// `on_http_request_headers` before the decision was written; `None` when that read
+    /// failed) and the routing decision (`decision`: header name, value), which the copy
+    /// carries in place of whatever the client sent. `None` when it cannot be copied;
+    /// the reason has been counted.
+    pub fn begin(
+        &self,
+        request: Option<&HeaderMap>,
+        decision: (&str, &str),
+    ) -> Option<CopyInProgress> {
         if self.in_flight.get() >= self.mirror.max_in_flight {
             self.skipped(Skip::InFlightLimit);
             return None;
         }
-        let all = match host::request_headers() {
-            Ok(all) => all,
-            Err(_) => {
+        let request = match request {
+            Some(r) => r,
+            None => {
                 bump(self.metrics.failed);
                 return None;
             }
         };
-        let mut headers = Vec::with_capacity(all.len() + 2);
-        for (name, value) in all {
-            if name == ":authority" {
-                let authority = match String::from_utf8(value) {
-                    Ok(a) => a,
-                    Err(_) => {
-                        self.skipped(Skip::NonUtf8Header);
-                        return None;
-                    }
-                };
-                headers.push((name, self.mirror.shadow_authority(&authority)));
-            } else if self.mirror.copies_header(&name) {
-                match String::from_utf8(value) {
-                    Ok(v) => headers.push((name, v)),
-                    Err(_) => {
-                        self.skipped(Skip::NonUtf8Header);
-                        return None;
-                    }
+        let mut headers = Vec::new();
+        for (name, value) in request.pairs() {
+            // Envoy's HTTP call interface takes text only; only what is copied must be text.
+            let name = match std::str::from_utf8(name) {
+                Ok(n) => n,
+                Err(_) => {
+                    self.skipped(Skip::NonUtf8Header);
+                    return None;
                 }
+            };
+            let authority = name == ":authority";
+            if name == decision.0 || (!authority && !self.mirror.copies_header(name)) {
+                continue;
             }
+            let value = match std::str::from_utf8(value) {
+                Ok(v) => v,
+                Err(_) => {
+                    self.skipped(Skip::NonUtf8Header);
+                    return None;
+                }
+            };
+            let value = if authority {
+                self.mirror.shadow_authority(value)
+            } else {
+                value.to_string()
+            };
+            headers.push((name.to_string(), value));
+        }
+        if self.mirror.copies_header(decision.0) {
+            headers.push((decision.0.to_string(), decision.1.to_string()));
         }
         headers.push((self.mirror.marker_header.clone(), "1".to_string()));
         let id = self.next_id.get().wrapping_add(1);

@@ -1,0 +1,589 @@
+//! `meshcanary-bench`: what the filter costs, measured side by side in one run (`make bench`).
+//!
+//! ```text
+//! meshcanary-bench                 # the full run: prints the tables, writes target/bench/results.json
+//! meshcanary-bench --smoke         # tiny durations; only checks that every row produced numbers
+//! ```
+//!
+//! One Envoy per configuration (one worker each) is started up front, then every round
+//! runs wrk against each configuration in turn (A B C …, A B C …), so slow drift of a
+//! shared machine hits every configuration alike; ratios are taken within a round. The
+//! configurations are in `setups.rs`, the request mix in `requests.lua`, the native
+//! decision microbenchmark in `micro.rs`. Everything it starts (Envoys, wrk, the
+//! in-process upstreams) is stopped before it returns, and every loop is bounded in
+//! count and time.
+
+mod micro;
+mod report;
+mod setups;
+mod wrk;
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use meshcanary_e2e::{paths, Behaviour, Envoy, Options, Upstream};
+use serde_json::{json, Value};
+
+use report::{Measured, Spread, Target};
+use setups::{Addresses, Family, Setup, WORKERS};
+
+/// The shadow of row 4c is this many times slower than the primary upstream.
+const SHADOW_FACTOR: u64 = 20;
+
+/// Side-by-side benchmark of native Envoy, an empty wasm filter and meshcanary.
+#[derive(Debug, Parser)]
+#[command(name = "meshcanary-bench")]
+struct Args {
+    /// Tiny durations, one round; fails unless every row produced numbers and the JSON
+    /// was written (what `make test` runs).
+    #[arg(long)]
+    smoke: bool,
+    /// Rounds (each runs every configuration once), 1–20. Default 5 (smoke: 1).
+    #[arg(long)]
+    rounds: Option<u32>,
+    /// Seconds per wrk run, 1–30. Default 4 (smoke: 1).
+    #[arg(long)]
+    duration_s: Option<u64>,
+    /// Seconds of discarded warm-up per configuration before the rounds, 0–10.
+    /// Default 2 (smoke: 0).
+    #[arg(long)]
+    warmup_s: Option<u64>,
+    /// wrk connections for the throughput rows (1–5).
+    #[arg(long, default_value_t = 32)]
+    connections: u32,
+    /// wrk connections for the latency rows (4b, 4c, 5b).
+    #[arg(long, default_value_t = 16)]
+    latency_connections: u32,
+    /// Delay of the primary upstream in the latency rows, ms (the shadow waits 20× as long).
+    #[arg(long, default_value_t = 5)]
+    primary_ms: u64,
+    /// The empty module (`scripts/build-wasm.sh bench-empty`).
+    #[arg(long)]
+    empty_wasm: Option<PathBuf>,
+    /// Where the JSON record goes.
+    #[arg(long, default_value = "target/bench/results.json")]
+    out: PathBuf,
+}
+
+/// The run's parameters, checked.
+struct Plan {
+    smoke: bool,
+    rounds: u32,
+    duration: Duration,
+    warmup: Duration,
+    micro_budget: Duration,
+    connections: u32,
+    latency_connections: u32,
+    primary_delay: Duration,
+    meshcanary_wasm: PathBuf,
+    empty_wasm: PathBuf,
+    out: PathBuf,
+}
+
+impl Plan {
+    fn from_args(args: Args) -> Result<Plan, String> {
+        let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 5 });
+        let duration_s = args.duration_s.unwrap_or(if args.smoke { 1 } else { 4 });
+        let warmup_s = args.warmup_s.unwrap_or(if args.smoke { 0 } else { 2 });
+        if !(1..=20).contains(&rounds) {
+            return Err(format!("--rounds {rounds}: expected 1–20"));
+        }
+        if !(1..=30).contains(&duration_s) {
+            return Err(format!("--duration-s {duration_s}: expected 1–30"));
+        }
+        if warmup_s > 10 {
+            return Err(format!("--warmup-s {warmup_s}: expected 0–10"));
+        }
+        for (flag, n) in [
+            ("--connections", args.connections),
+            ("--latency-connections", args.latency_connections),
+        ] {
+            if !(1..=1000).contains(&n) {
+                return Err(format!("{flag} {n}: expected 1–1000"));
+            }
+        }
+        if !(1..=100).contains(&args.primary_ms) {
+            return Err(format!("--primary-ms {}: expected 1–100", args.primary_ms));
+        }
+        let out = if args.out.is_absolute() {
+            args.out
+        } else {
+            paths::repo().join(args.out)
+        };
+        Ok(Plan {
+            smoke: args.smoke,
+            rounds,
+            duration: Duration::from_secs(duration_s),
+            warmup: Duration::from_secs(warmup_s),
+            micro_budget: if args.smoke {
+                Duration::from_millis(20)
+            } else {
+                Duration::from_millis(350)
+            },
+            connections: args.connections,
+            latency_connections: args.latency_connections,
+            primary_delay: Duration::from_millis(args.primary_ms),
+            meshcanary_wasm: paths::wasm(),
+            empty_wasm: args
+                .empty_wasm
+                .unwrap_or_else(|| paths::repo().join("target/wasm/bench_empty.wasm")),
+            out,
+        })
+    }
+
+    fn connections_for(&self, setup: &Setup) -> u32 {
+        match setup.family {
+            Family::Throughput => self.connections,
+            Family::Latency => self.latency_connections,
+        }
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let plan = match Plan::from_args(Args::parse()) {
+        Ok(plan) => plan,
+        Err(e) => {
+            eprintln!("meshcanary-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    match run(&plan).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshcanary-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(plan: &Plan) -> Result<(), String> {
+    let started = Instant::now();
+    // --- what is measured, and on what ------------------------------------------------
+    let wrk_version = wrk::version().await?;
+    let envoy_version = envoy_version()?;
+    let module = |path: &Path| {
+        std::fs::metadata(path).map(|m| m.len()).map_err(|e| {
+            format!(
+                "{}: {e} (make wasm / scripts/build-wasm.sh bench-empty)",
+                path.display()
+            )
+        })
+    };
+    let meshcanary_bytes = module(&plan.meshcanary_wasm)?;
+    let empty_bytes = module(&plan.empty_wasm)?;
+    let machine = machine();
+    let bench_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let script = bench_dir.path().join("requests.lua");
+    std::fs::write(&script, include_str!("requests.lua"))
+        .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+
+    println!(
+        "meshcanary bench ({}): {} rounds × {} s per configuration, configurations measured alternately; warm-up {} s each",
+        if plan.smoke { "smoke" } else { "full" },
+        plan.rounds,
+        plan.duration.as_secs(),
+        plan.warmup.as_secs()
+    );
+    println!(
+        "machine: {} CPUs (nproc), {}; Envoy {} with {} worker (--concurrency {}); {} -t{} -c{} (rows 1–5), -c{} (rows 4b–5c)",
+        machine["nproc"],
+        machine["cpu_model"].as_str().unwrap_or("?"),
+        envoy_version,
+        WORKERS,
+        WORKERS,
+        wrk_version,
+        wrk::THREADS,
+        plan.connections,
+        plan.latency_connections
+    );
+
+    // --- 1. the native microbenchmark, before anything else competes for the CPU -------
+    let timings = micro::run(plan.micro_budget)?;
+
+    // --- 2. upstreams (in this process) and one Envoy per configuration ----------------
+    let shadow_delay = plan.primary_delay * SHADOW_FACTOR as u32;
+    let upstream = |name: &'static str, delay: Duration| async move {
+        let behaviour = Behaviour {
+            delay,
+            ..Behaviour::default()
+        };
+        let options = Options {
+            record: false,
+            ..Options::default()
+        };
+        Upstream::start_with_options(name, behaviour, options)
+            .await
+            .map_err(|e| format!("upstream {name}: {e}"))
+    };
+    let primary = upstream("stable", plan.primary_delay).await?;
+    let fast_shadow = upstream("shadow", Duration::ZERO).await?;
+    let slow_shadow = upstream("shadow", shadow_delay).await?;
+    let addrs = Addresses {
+        primary: primary.addr,
+        fast_shadow: fast_shadow.addr,
+        slow_shadow: slow_shadow.addr,
+    };
+    let mut running: Vec<(Setup, Envoy)> = Vec::new();
+    for setup in setups::all(&addrs, &plan.empty_wasm) {
+        let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
+        let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
+            .await
+            .map_err(|e| format!("row {} ({}): Envoy did not start: {e}", setup.row, setup.id))?;
+        check_answers(&envoy, &setup).await?;
+        running.push((setup, envoy));
+    }
+
+    // --- 3. warm-up, then the rounds: every configuration once per round ---------------
+    if !plan.warmup.is_zero() {
+        for (setup, envoy) in &running {
+            wrk::run(
+                &script,
+                envoy.listener,
+                None,
+                plan.connections_for(setup),
+                plan.warmup,
+            )
+            .await?;
+        }
+    }
+    let mut runs: Vec<Vec<wrk::Run>> = vec![Vec::new(); running.len()];
+    for round in 1..=plan.rounds {
+        for (i, (setup, envoy)) in running.iter().enumerate() {
+            let run = wrk::run(
+                &script,
+                envoy.listener,
+                envoy.pid(),
+                plan.connections_for(setup),
+                plan.duration,
+            )
+            .await
+            .map_err(|e| format!("round {round}, row {}: {e}", setup.row))?;
+            runs[i].push(run);
+        }
+        eprintln!(
+            "meshcanary-bench: round {round}/{} done ({:.0} s)",
+            plan.rounds,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    // --- 4. after the load: memory and counters, then stop everything ------------------
+    let mut measured = Vec::with_capacity(running.len());
+    for ((setup, envoy), runs) in running.into_iter().zip(runs) {
+        let rss_kib = envoy.pid().and_then(rss_kib);
+        let prefix = format!("wasmcustom.meshcanary.{}.", setups::POLICY_NAME);
+        let mut counters: Vec<(String, u64)> = envoy
+            .stats()
+            .await
+            .into_iter()
+            .filter(|(name, value)| name.starts_with(&prefix) && *value > 0)
+            .map(|(name, value)| (name[prefix.len()..].to_string(), value))
+            .collect();
+        counters.sort();
+        let log = envoy.log();
+        envoy.stop().await;
+        meshcanary_e2e::assert_no_wasm_failure(&log);
+        measured.push(Measured {
+            setup,
+            runs,
+            rss_kib,
+            counters,
+        });
+    }
+    drop((primary, fast_shadow, slow_shadow));
+
+    // --- 5. the report ------------------------------------------------------------------
+    let find = |id: &str| {
+        measured
+            .iter()
+            .find(|m| m.setup.id == id)
+            .ok_or_else(|| format!("configuration {id} missing"))
+    };
+    let (native, empty) = (find("native")?, find("empty_wasm")?);
+    let (routed, plain_upstream) = (find("meshcanary")?, find("upstream_meshcanary")?);
+    let slow_mirror = find("upstream_meshcanary_slow_shadow")?;
+
+    println!("\nThroughput: Envoy answers itself (direct response); median (min–max) over the rounds; ratios are per round, then the median.\n");
+    print!("{}", report::throughput_table(&measured, native, empty));
+    println!(
+        "\nPrimary latency with a slow shadow: upstream answers after {} ms, the shadow after {} ms ({}×).\n",
+        plan.primary_delay.as_millis(),
+        shadow_delay.as_millis(),
+        SHADOW_FACTOR
+    );
+    print!("{}", report::latency_table(&measured));
+    println!();
+    for m in &measured {
+        if !m.counters.is_empty() {
+            let list: Vec<String> = m.counters.iter().map(|(n, v)| format!("{n} {v}")).collect();
+            println!("row {} counters: {}", m.setup.row, list.join(", "));
+        }
+    }
+    let failed: Vec<String> = measured
+        .iter()
+        .filter(|m| m.failed() > 0)
+        .map(|m| format!("row {}: {}", m.setup.row, m.failed()))
+        .collect();
+    println!(
+        "failed requests (socket errors, timeouts, non-2xx): {}",
+        if failed.is_empty() {
+            "none".to_string()
+        } else {
+            failed.join(", ")
+        }
+    );
+    println!(
+        "\nModule size: meshcanary_filter.wasm {} bytes, bench_empty.wasm {} bytes",
+        report::thousands(meshcanary_bytes),
+        report::thousands(empty_bytes)
+    );
+    let rss: Vec<String> = measured
+        .iter()
+        .map(|m| {
+            let mib = m
+                .rss_kib
+                .map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+            format!("row {} {} MiB", m.setup.row, mib)
+        })
+        .collect();
+    println!("Envoy RSS after load (VmRSS): {}", rss.join(", "));
+    println!("\nPolicy decision, native (release build of the policy core; median (min–max) of 7 batches):\n");
+    print!("{}", report::micro_table(&timings));
+
+    let worst_decision = timings
+        .iter()
+        .filter(|t| t.id != "bench_mix")
+        .map(|t| t.ns[0])
+        .fold(0.0, f64::max);
+    let targets = [
+        Target {
+            name: "full routing policy, requests/s × empty filter (row 3 / row 2)",
+            value: routed.ratio(empty, wrk::Run::rps).median,
+            limit: 0.85,
+            at_least: true,
+            unit: "",
+        },
+        Target {
+            name: "slowest decision kind, native",
+            value: worst_decision,
+            limit: 300.0,
+            at_least: false,
+            unit: " ns",
+        },
+        Target {
+            name: "primary p99 with every GET mirrored to a 20× slower shadow × without (row 4c / row 4b)",
+            value: slow_mirror
+                .ratio(plain_upstream, |r| r.p99_us as f64)
+                .median,
+            limit: 1.05,
+            at_least: false,
+            unit: "",
+        },
+        Target {
+            name: "meshcanary module size",
+            value: meshcanary_bytes as f64 / 1000.0,
+            limit: 300.0,
+            at_least: false,
+            unit: " KB",
+        },
+    ];
+    // Context for the verdicts: row 3's cost by Envoy's CPU time per request (immune to
+    // wrk sharing the machine), the slow shadow against a fast one, and what Envoy's own
+    // mirroring does to p99 on the same machine.
+    let cpu = |m: &Measured| m.cpu_us().median;
+    let p99_ratio = |a: &str, b: &str| -> Result<f64, String> {
+        Ok(find(a)?.ratio(find(b)?, |r| r.p99_us as f64).median)
+    };
+    let context = json!({
+        "cpu_ratio_empty_to_meshcanary": cpu(empty) / cpu(routed),
+        "p99_slow_shadow_to_fast_shadow": p99_ratio("upstream_meshcanary_slow_shadow", "upstream_meshcanary_fast_shadow")?,
+        "p99_native_mirror_to_native": p99_ratio("upstream_native_slow_mirror", "upstream_native_weighted")?,
+    });
+    if plan.smoke {
+        println!(
+            "\nTargets (issue 6): not judged in smoke mode (durations too short to mean anything)"
+        );
+    } else {
+        println!("\nTargets (issue 6):");
+        for target in &targets {
+            println!("  {}", target.line());
+        }
+        println!(
+            "  context: by Envoy CPU per request, row 2 / row 3 = {:.3}; p99 with the slow shadow / \
+             the fast one (row 4c / row 4d) = {:.3}; Envoy's own mirroring, p99 row 5c / row 5b = {:.3}",
+            context["cpu_ratio_empty_to_meshcanary"].as_f64().unwrap_or(f64::NAN),
+            context["p99_slow_shadow_to_fast_shadow"].as_f64().unwrap_or(f64::NAN),
+            context["p99_native_mirror_to_native"].as_f64().unwrap_or(f64::NAN),
+        );
+    }
+
+    // --- 6. the JSON record --------------------------------------------------------------
+    let record = json!({
+        "schema": 1,
+        "mode": if plan.smoke { "smoke" } else { "full" },
+        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        "git_commit": git_commit(),
+        "machine": machine,
+        "envoy": {"version": envoy_version, "workers": WORKERS},
+        "wrk": {"version": wrk_version, "threads": wrk::THREADS,
+                "connections": plan.connections, "latency_connections": plan.latency_connections},
+        "rounds": plan.rounds,
+        "duration_s": plan.duration.as_secs(),
+        "warmup_s": plan.warmup.as_secs(),
+        "primary_delay_ms": plan.primary_delay.as_millis() as u64,
+        "shadow_delay_ms": shadow_delay.as_millis() as u64,
+        "configurations": measured.iter().map(|m| report::measured_json(m, native, empty)).collect::<Vec<_>>(),
+        "module_bytes": {"meshcanary": meshcanary_bytes, "empty": empty_bytes},
+        "decision_ns": timings.iter().map(|t| (t.id.to_string(), Spread { median: t.ns[0], min: t.ns[1], max: t.ns[2] }.json())).collect::<serde_json::Map<_, _>>(),
+        "targets": targets.iter().map(Target::json).collect::<Vec<_>>(),
+        "context": context,
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    if let Some(dir) = plan.out.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
+    std::fs::write(&plan.out, text).map_err(|e| format!("{}: {e}", plan.out.display()))?;
+    println!(
+        "\nResults written to {} ({:.0} s in all)",
+        plan.out.display(),
+        started.elapsed().as_secs_f64()
+    );
+
+    if plan.smoke {
+        smoke_check(&measured, &timings, &plan.out)?;
+        println!("meshcanary-bench: smoke check passed (every row measured, JSON written)");
+    }
+    Ok(())
+}
+
+/// One request through a fresh Envoy must be answered 200, or the configuration is wrong
+/// and its numbers would measure an error path.
+async fn check_answers(envoy: &Envoy, setup: &Setup) -> Result<(), String> {
+    let answer = envoy
+        .client()
+        .get(envoy.url("/shop/cart"))
+        .header("x-user-id", "user-1")
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+        .map_err(|e| format!("row {}: first request failed: {e}", setup.row))?;
+    if answer.status().as_u16() != 200 {
+        return Err(format!(
+            "row {} ({}): first request answered {}; Envoy log:\n{}",
+            setup.row,
+            setup.id,
+            answer.status(),
+            envoy.log()
+        ));
+    }
+    Ok(())
+}
+
+/// What the smoke mode promises: every row has numbers, nothing failed, the JSON is there.
+fn smoke_check(measured: &[Measured], timings: &[micro::Timing], out: &Path) -> Result<(), String> {
+    // A number that is NaN, zero or negative is not a measurement.
+    let positive = |v: f64| v > 0.0;
+    let mut problems = Vec::new();
+    for m in measured {
+        let (rps, p50, p99) = (m.rps().median, m.p50_ms().median, m.p99_ms().median);
+        if !(positive(rps) && positive(p50) && positive(p99)) {
+            problems.push(format!(
+                "row {}: requests/s {rps}, p50 {p50}, p99 {p99}",
+                m.setup.row
+            ));
+        }
+        if m.failed() > 0 {
+            problems.push(format!(
+                "row {}: {} failed requests",
+                m.setup.row,
+                m.failed()
+            ));
+        }
+        if m.rss_kib.unwrap_or(0) == 0 {
+            problems.push(format!("row {}: no RSS reading", m.setup.row));
+        }
+    }
+    for t in timings {
+        if !positive(t.ns[0]) {
+            problems.push(format!("decision {}: {} ns", t.id, t.ns[0]));
+        }
+    }
+    let written: Option<Value> = std::fs::read(out)
+        .ok()
+        .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+    let rows_in_json = written
+        .as_ref()
+        .and_then(|v| v["configurations"].as_array())
+        .map_or(0, Vec::len);
+    if rows_in_json != measured.len() {
+        problems.push(format!(
+            "{}: expected {} configurations in the JSON, found {rows_in_json}",
+            out.display(),
+            measured.len()
+        ));
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(format!("smoke check failed:\n  {}", problems.join("\n  ")))
+    }
+}
+
+/// `VmRSS` of a process, KiB.
+fn rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// `nproc` and the CPU model.
+fn machine() -> Value {
+    let nproc = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu_model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|rest| rest.trim_start_matches([' ', '\t', ':']).trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    json!({"nproc": nproc, "cpu_model": cpu_model})
+}
+
+/// Envoy's release (`1.40.0/Clean/RELEASE/BoringSSL`) from `envoy --version`.
+fn envoy_version() -> Result<String, String> {
+    let output = std::process::Command::new(paths::envoy())
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e} (make envoy)", paths::envoy().display()))?;
+    let text = String::from_utf8_lossy(&output.stdout);
+    let full = text.split("version:").nth(1).unwrap_or(&text).trim();
+    // `<commit>/<version>/…`: the commit says little to a reader.
+    Ok(full
+        .split_once('/')
+        .map_or(full, |(_, rest)| rest)
+        .to_string())
+}
+
+/// The checked-out commit, for trend tracking (`null` outside a git checkout).
+fn git_commit() -> Value {
+    std::process::Command::new("git")
+        .args(["rev-parse", "HEAD"])
+        .current_dir(paths::repo())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or(Value::Null, |o| {
+            json!(String::from_utf8_lossy(&o.stdout).trim())
+        })
+}

@@ -1,0 +1,301 @@
+//! Turns the rounds into the printed tables, the target verdicts and the JSON record.
+
+use serde_json::{json, Value};
+
+use crate::micro::Timing;
+use crate::setups::{Family, Setup};
+use crate::wrk::Run;
+
+/// Median, minimum and maximum of a set of values.
+#[derive(Debug, Clone, Copy)]
+pub struct Spread {
+    pub median: f64,
+    pub min: f64,
+    pub max: f64,
+}
+
+impl Spread {
+    /// The spread of `values`; all zero for none.
+    pub fn of(values: &[f64]) -> Spread {
+        let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
+        if sorted.is_empty() {
+            return Spread {
+                median: 0.0,
+                min: 0.0,
+                max: 0.0,
+            };
+        }
+        sorted.sort_by(f64::total_cmp);
+        let mid = sorted.len() / 2;
+        let median = if !sorted.len().is_multiple_of(2) {
+            sorted[mid]
+        } else {
+            (sorted[mid - 1] + sorted[mid]) / 2.0
+        };
+        Spread {
+            median,
+            min: sorted[0],
+            max: sorted[sorted.len() - 1],
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        json!({"median": self.median, "min": self.min, "max": self.max})
+    }
+
+    /// `median (min–max)` with `decimals` digits; thousands separated when 0.
+    fn cell(&self, decimals: usize) -> String {
+        let f = |v: f64| {
+            if decimals == 0 {
+                thousands(v.round() as u64)
+            } else {
+                format!("{v:.decimals$}")
+            }
+        };
+        format!("{} ({}–{})", f(self.median), f(self.min), f(self.max))
+    }
+}
+
+/// `1234567` → `1,234,567`.
+pub fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Everything measured for one configuration.
+pub struct Measured {
+    pub setup: Setup,
+    /// One wrk run per round, in round order.
+    pub runs: Vec<Run>,
+    /// Envoy's resident memory after the load, KiB.
+    pub rss_kib: Option<u64>,
+    /// Counters read after the load (the filter's decisions, shadow copies).
+    pub counters: Vec<(String, u64)>,
+}
+
+impl Measured {
+    pub fn rps(&self) -> Spread {
+        Spread::of(&self.runs.iter().map(Run::rps).collect::<Vec<_>>())
+    }
+
+    pub fn p50_ms(&self) -> Spread {
+        Spread::of(
+            &self
+                .runs
+                .iter()
+                .map(|r| r.p50_us as f64 / 1e3)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    pub fn p99_ms(&self) -> Spread {
+        Spread::of(
+            &self
+                .runs
+                .iter()
+                .map(|r| r.p99_us as f64 / 1e3)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Envoy's CPU time per request, µs.
+    pub fn cpu_us(&self) -> Spread {
+        Spread::of(
+            &self
+                .runs
+                .iter()
+                .filter_map(Run::cpu_us_per_request)
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    /// Requests that failed (socket errors, timeouts, non-2xx/3xx answers), all rounds.
+    pub fn failed(&self) -> u64 {
+        self.runs
+            .iter()
+            .map(|r| r.socket_errors + r.status_errors)
+            .sum()
+    }
+
+    /// Per-round ratio of this configuration's `metric` to `other`'s, measured in the
+    /// same round (neighbours in time, so machine drift mostly cancels).
+    pub fn ratio(&self, other: &Measured, metric: impl Fn(&Run) -> f64) -> Spread {
+        let ratios: Vec<f64> = self
+            .runs
+            .iter()
+            .zip(&other.runs)
+            .map(|(a, b)| metric(a) / metric(b))
+            .collect();
+        Spread::of(&ratios)
+    }
+}
+
+/// One of the issue's targets.
+pub struct Target {
+    pub name: &'static str,
+    pub value: f64,
+    pub limit: f64,
+    /// True when `value` must be at least `limit` (false: at most).
+    pub at_least: bool,
+    pub unit: &'static str,
+}
+
+impl Target {
+    pub fn met(&self) -> bool {
+        if self.at_least {
+            self.value >= self.limit
+        } else {
+            self.value <= self.limit
+        }
+    }
+
+    pub fn json(&self) -> Value {
+        json!({
+            "name": self.name, "value": self.value, "limit": self.limit,
+            "at_least": self.at_least, "unit": self.unit, "met": self.met(),
+        })
+    }
+
+    pub fn line(&self) -> String {
+        format!(
+            "{:<6} {}: {:.3}{} ({} {}{})",
+            if self.met() { "MET" } else { "MISSED" },
+            self.name,
+            self.value,
+            self.unit,
+            if self.at_least { "≥" } else { "≤" },
+            self.limit,
+            self.unit
+        )
+    }
+}
+
+/// The throughput table (rows 1–5) as Markdown.
+pub fn throughput_table(all: &[Measured], native: &Measured, empty: &Measured) -> String {
+    let mut out = String::from(
+        "| row | configuration | requests/s | p50 ms | p99 ms | × row 1 | × row 2 | Envoy CPU µs/request |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for m in all.iter().filter(|m| m.setup.family == Family::Throughput) {
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            m.setup.row,
+            m.setup.title,
+            m.rps().cell(0),
+            m.p50_ms().cell(2),
+            m.p99_ms().cell(2),
+            m.ratio(native, Run::rps).cell(2),
+            m.ratio(empty, Run::rps).cell(2),
+            m.cpu_us().cell(1),
+        );
+    }
+    out
+}
+
+/// The latency table (rows 4b, 4c, 5b, 5c) as Markdown; each row's percentiles are
+/// compared with its baseline's in the same round (4c with 4b, 5c with 5b).
+pub fn latency_table(all: &[Measured]) -> String {
+    let mut out = String::from(
+        "| row | configuration | requests/s | p50 ms | p99 ms | p50 × no-mirror row | p99 × no-mirror row | Envoy CPU µs/request |\n\
+         |---|---|---|---|---|---|---|---|\n",
+    );
+    for m in all.iter().filter(|m| m.setup.family == Family::Latency) {
+        let baseline = all
+            .iter()
+            .find(|b| b.setup.id == m.setup.baseline)
+            .unwrap_or(m);
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            m.setup.row,
+            m.setup.title,
+            m.rps().cell(0),
+            m.p50_ms().cell(2),
+            m.p99_ms().cell(2),
+            m.ratio(baseline, |r| r.p50_us as f64).cell(3),
+            m.ratio(baseline, |r| r.p99_us as f64).cell(3),
+            m.cpu_us().cell(1),
+        );
+    }
+    out
+}
+
+/// The microbenchmark as Markdown.
+pub fn micro_table(timings: &[Timing]) -> String {
+    let mut out = String::from("| decision | ns per decision |\n|---|---|\n");
+    for t in timings {
+        let spread = Spread {
+            median: t.ns[0],
+            min: t.ns[1],
+            max: t.ns[2],
+        };
+        out += &format!("| {} | {} |\n", t.title, spread.cell(1));
+    }
+    out
+}
+
+/// The JSON record of one configuration.
+pub fn measured_json(m: &Measured, native: &Measured, empty: &Measured) -> Value {
+    let runs: Vec<Value> = m
+        .runs
+        .iter()
+        .map(|r| {
+            json!({
+                "requests": r.requests, "duration_us": r.duration_us, "rps": r.rps(),
+                "p50_us": r.p50_us, "p99_us": r.p99_us,
+                "socket_errors": r.socket_errors, "status_errors": r.status_errors,
+                "envoy_cpu_s": r.envoy_cpu_s,
+            })
+        })
+        .collect();
+    let counters: serde_json::Map<String, Value> = m
+        .counters
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
+    json!({
+        "id": m.setup.id,
+        "row": m.setup.row,
+        "title": m.setup.title,
+        "family": match m.setup.family { Family::Throughput => "throughput", Family::Latency => "latency" },
+        "rps": m.rps().json(),
+        "p50_ms": m.p50_ms().json(),
+        "p99_ms": m.p99_ms().json(),
+        "baseline": m.setup.baseline,
+        "envoy_cpu_us_per_request": m.cpu_us().json(),
+        "rps_ratio_to_native": m.ratio(native, Run::rps).json(),
+        "rps_ratio_to_empty_wasm": m.ratio(empty, Run::rps).json(),
+        "failed_requests": m.failed(),
+        "rss_kib": m.rss_kib,
+        "counters": counters,
+        "runs": runs,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn spread_takes_the_middle() {
+        let s = Spread::of(&[3.0, 1.0, 2.0]);
+        assert_eq!((s.median, s.min, s.max), (2.0, 1.0, 3.0));
+        let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]);
+        assert_eq!(s.median, 2.5);
+        assert_eq!(Spread::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn thousands_are_separated() {
+        assert_eq!(thousands(0), "0");
+        assert_eq!(thousands(999), "999");
+        assert_eq!(thousands(1_000), "1,000");
+        assert_eq!(thousands(1_234_567), "1,234,567");
+    }
+}
