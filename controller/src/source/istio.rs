@@ -66,6 +66,7 @@ use std::time::Duration;
 
 use serde_json::Value;
 
+use super::prometheus::sample_value;
 use super::{cumulative_at, MetricSource, Query, Snapshot, SourceError, VariantCounts};
 
 /// How long one query may take unless [`IstioPrometheus::timeout`] says otherwise.
@@ -379,24 +380,6 @@ fn merge_equal_bounds(mut list: Vec<(f64, u64)>) -> Vec<(f64, u64)> {
         }
     }
     merged
-}
-
-/// The value of one instant-vector sample (`"value": [time, "12"]`) as a count.
-fn sample_value(sample: &Value) -> Result<u64, String> {
-    let text = sample
-        .get("value")
-        .and_then(|v| v.get(1))
-        .and_then(Value::as_str)
-        .ok_or_else(|| format!("no [time, \"value\"] pair in {sample}"))?;
-    let value: f64 = text
-        .parse()
-        .map_err(|_| format!("value {text:?} is not a number"))?;
-    // Sums of counters are whole numbers, exact in f64 up to 2^53; anything else (NaN, a
-    // negative) means the series is not what this source expects.
-    if !value.is_finite() || value < 0.0 {
-        return Err(format!("value {text:?} is not a count"));
-    }
-    Ok(value.round() as u64)
 }
 
 /// `text` as a PromQL double-quoted string literal. PromQL strings take Go's escapes, so

@@ -336,8 +336,9 @@ impl Plan {
     }
 }
 
-/// The value of one instant-vector sample (`"value": [time, "12"]`) as a count.
-fn sample_value(sample: &Value) -> Result<u64, String> {
+/// The value of one instant-vector sample (`"value": [time, "12"]`) as a count (shared
+/// with the Istio-metrics source).
+pub(crate) fn sample_value(sample: &Value) -> Result<u64, String> {
     let text = sample
         .get("value")
         .and_then(|v| v.get(1))
