@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use meshcanary_controller::sink::ecds_file::{ecds_document, wasm_filter_config};
+use meshcanary_policy::envoy::{ecds_document, wasm_filter_config};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 

@@ -11,7 +11,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use serde_json::{json, Value};
+use serde_json::Value;
+
+pub use meshcanary_policy::envoy::{
+    ecds_document, wasm_filter_config, wasm_filter_config_with_code,
+};
 
 use super::{ConfigSink, Record, SinkError};
 use crate::spec::EcdsFileSpec;
@@ -105,45 +109,6 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)
-}
-
-/// The ECDS `DiscoveryResponse` carrying the filter configuration for `policy`.
-pub fn ecds_document(filter_name: &str, wasm: &Path, policy: &Value, version: &str) -> Value {
-    json!({
-        "version_info": version,
-        "resources": [{
-            "@type": "type.googleapis.com/envoy.config.core.v3.TypedExtensionConfig",
-            "name": filter_name,
-            "typed_config": wasm_filter_config(filter_name, wasm, policy),
-        }]
-    })
-}
-
-/// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy, with the
-/// module read from a file on the proxy.
-pub fn wasm_filter_config(filter_name: &str, wasm: &Path, policy: &Value) -> Value {
-    wasm_filter_config_with_code(filter_name, json!({"local": {"filename": wasm}}), policy)
-}
-
-/// The same message with any `vm_config.code` (an `envoy.config.core.v3.AsyncDataSource`:
-/// `{"local": …}` or `{"remote": …}`).
-pub fn wasm_filter_config_with_code(filter_name: &str, code: Value, policy: &Value) -> Value {
-    json!({
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm",
-        "config": {
-            "name": filter_name,
-            "root_id": filter_name,
-            "vm_config": {
-                "vm_id": filter_name,
-                "runtime": "envoy.wasm.runtime.v8",
-                "code": code
-            },
-            "configuration": {
-                "@type": "type.googleapis.com/google.protobuf.StringValue",
-                "value": policy.to_string()
-            }
-        }
-    })
 }
 
 /// The version Envoy reports for a record: policy name, revision and generation.

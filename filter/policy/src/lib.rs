@@ -12,6 +12,7 @@
 
 pub mod bucket;
 pub mod decide;
+pub mod envoy;
 pub mod error;
 pub mod mirror;
 pub mod policy;
