@@ -225,8 +225,7 @@ impl Shadow {
     /// Gives up a copy before it was sent (body too large, stream reset …).
     pub fn abandon(&self, copy: CopyInProgress, reason: Skip) {
         self.skipped(reason);
-        self.comparisons.borrow_mut().remove(&copy.id);
-        self.release();
+        self.forget(copy.id);
     }
 
     /// Hands a complete copy to the root and wakes it. Returns the copy's id for the
@@ -236,8 +235,7 @@ impl Shadow {
         let woken = self.queue.map_or(false, |q| host::enqueue(q, b"copy"));
         if !woken {
             bump(self.metrics.failed);
-            self.comparisons.borrow_mut().remove(&id);
-            self.release();
+            self.forget(id);
             return None;
         }
         self.ready.borrow_mut().push_back(ReadyCopy {
@@ -255,11 +253,7 @@ impl Shadow {
             return;
         }
         // Drain the wake-ups; the ready list, not their number, says what to send.
-        while let Some(q) = self.queue {
-            if !host::dequeue(q) {
-                break;
-            }
-        }
+        while host::dequeue(queue_id) {}
         let ready: Vec<ReadyCopy> = self.ready.borrow_mut().drain(..).collect();
         let timeout = Duration::from_millis(u64::from(self.mirror.timeout_ms));
         for copy in ready {
@@ -297,8 +291,7 @@ impl Shadow {
                         status
                     );
                     bump(self.metrics.failed);
-                    self.comparisons.borrow_mut().remove(&copy.id);
-                    self.release();
+                    self.forget(copy.id);
                 }
             }
         }
@@ -387,6 +380,12 @@ impl Shadow {
                 _ => bump(self.metrics.compare_skipped),
             }
         }
+    }
+
+    /// Drops copy `id` that will never be answered: its comparison, and its in-flight slot.
+    fn forget(&self, id: u64) {
+        self.comparisons.borrow_mut().remove(&id);
+        self.release();
     }
 
     fn release(&self) {
