@@ -320,12 +320,11 @@ async fn render(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
     let sink = sink(spec);
     let record = match sink.load().await {
         Ok(Some(record)) => record,
+        // What the first apply of a new rollout writes (generation 1).
         Ok(None) => meshcanary_controller::sink::Record {
-            rollout: rollout::rollout_id(spec),
-            applied_weight: 0,
             generation: 1,
-            state: meshcanary_controller::verdict::State::start(rollout::now()),
             updated_unix_ms: 0,
+            ..meshcanary_controller::sink::Record::new(rollout::rollout_id(spec), rollout::now())
         },
         Err(e) => {
             report_error(&RunError::Sink(e), out);

@@ -13,7 +13,7 @@ use crate::render::with_canary_weight;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
 use crate::spec::RolloutSpec;
-use crate::verdict::{self, Counters, Observation, Phase, State, Verdict};
+use crate::verdict::{self, Counters, Observation, Phase, Verdict};
 
 /// How a rollout ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -187,7 +187,6 @@ where
             record
         }
         None => {
-            let state = State::start(now());
             out.event(
                 "start",
                 format!(
@@ -201,13 +200,7 @@ where
                 ),
                 json!({"steps": steps, "canary": spec.canary, "baseline": spec.baseline()}),
             );
-            Record {
-                rollout: id.clone(),
-                applied_weight: 0,
-                generation: 0,
-                state,
-                updated_unix_ms: unix_ms(),
-            }
+            Record::new(id.clone(), now())
         }
     };
     if record.generation == 0 {
@@ -424,13 +417,7 @@ pub async fn abort<K: ConfigSink>(
             })
         }
         Some(r) => r,
-        None => Record {
-            rollout: id,
-            applied_weight: 0,
-            generation: 0,
-            state: State::start(now()),
-            updated_unix_ms: unix_ms(),
-        },
+        None => Record::new(id, now()),
     };
     // Mark first: a running controller stops before its next write.
     sink.set_abort_mark(true).await?;

@@ -106,7 +106,7 @@ use super::ecds_file::wasm_filter_config_with_code;
 use super::{ConfigSink, Record, SinkError};
 use crate::rollout::{policy_at, rollout_id};
 use crate::spec::{KubernetesSpec, RolloutSpec, SinkSpec, WasmCode};
-use crate::verdict::{Phase, State};
+use crate::verdict::Phase;
 
 /// The EnvoyFilter's API group.
 pub const GROUP: &str = "networking.istio.io";
@@ -308,12 +308,10 @@ pub fn render_manifest(spec: &RolloutSpec) -> Result<String, ManifestError> {
     };
     let weight = spec.judge.steps.first().copied().unwrap_or(0);
     let policy = policy_at(spec, weight).map_err(|e| ManifestError::Render(e.to_string()))?;
+    // A fixed clock: the same spec and policy must give the same bytes.
     let record = Record {
-        rollout: rollout_id(spec),
         applied_weight: weight,
-        generation: 0,
-        state: State::start(Duration::ZERO),
-        updated_unix_ms: 0,
+        ..Record::new(rollout_id(spec), Duration::ZERO)
     };
     let contexts: Vec<&str> = kubernetes.context.iter().map(|c| c.as_str()).collect();
     let sink = Kubernetes::new(kubernetes, spec.judge.steps.clone());

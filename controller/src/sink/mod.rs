@@ -50,6 +50,20 @@ pub struct Record {
     pub updated_unix_ms: u64,
 }
 
+impl Record {
+    /// The record of a rollout that has written nothing yet, starting at `now` (wall-clock
+    /// time since the Unix epoch, the engine's clock).
+    pub fn new(rollout: RolloutId, now: std::time::Duration) -> Record {
+        Record {
+            rollout,
+            applied_weight: 0,
+            generation: 0,
+            state: verdict::State::start(now),
+            updated_unix_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+        }
+    }
+}
+
 /// Why a sink could not do its job.
 #[derive(Debug, thiserror::Error)]
 pub enum SinkError {
