@@ -32,7 +32,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{
-    cumulative_at, error_chain, excerpt, MetricSource, Query, Snapshot, SourceError, VariantCounts,
+    cumulative_at, excerpt, fetch, MetricSource, Query, Snapshot, SourceError, VariantCounts,
 };
 
 /// How long one read of one admin endpoint may take unless [`EnvoyAdmin::timeout`] says
@@ -213,17 +213,7 @@ async fn read_one(
         .append_pair("format", "json")
         .append_pair("filter", &plan.filter)
         .append_pair("histogram_buckets", "cumulative");
-    let response = client
-        .get(url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| unreachable(error_chain(&e)))?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
+    let (status, body) = fetch(client, url, timeout, base).await?;
     if !status.is_success() {
         return Err(unreachable(format!(
             "answered HTTP {}: {}",

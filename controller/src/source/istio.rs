@@ -66,8 +66,8 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use super::prometheus::sample_value;
-use super::{cumulative_at, MetricSource, Query, Snapshot, SourceError, VariantCounts};
+use super::prometheus::{sample_value, samples_and_slow};
+use super::{MetricSource, Query, Snapshot, SourceError, VariantCounts};
 
 /// How long one query may take unless [`IstioPrometheus::timeout`] says otherwise.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -343,22 +343,7 @@ impl Plan {
                     pair[0].1, pair[0].0, pair[1].1, pair[1].0
                 )));
             }
-            let total = list
-                .iter()
-                .find(|(bound, _)| bound.is_infinite() && bound.is_sign_positive())
-                .map(|(_, count)| *count)
-                .ok_or_else(|| malformed(format!("{histogram} has no le=\"+Inf\" bucket")))?;
-            let finite: Vec<(f64, u64)> = list.into_iter().filter(|(b, _)| b.is_finite()).collect();
-            let at_threshold = cumulative_at(&finite, self.threshold_ms).map_err(|boundaries| {
-                SourceError::ThresholdNotABucketBoundary {
-                    endpoint: endpoint.to_string(),
-                    histogram: histogram.clone(),
-                    threshold_ms: self.threshold_ms,
-                    boundaries,
-                }
-            })?;
-            // Cannot underflow after the cumulative check, but a count is never negative.
-            let slow = total.saturating_sub(at_threshold);
+            let (total, slow) = samples_and_slow(&list, self.threshold_ms, endpoint, &histogram)?;
             if let Some(variant) = counts.get_mut(slot) {
                 variant.latency_samples = total;
                 variant.slow = slow;

@@ -132,6 +132,32 @@ fn cumulative_at(buckets: &[(f64, u64)], threshold_ms: u64) -> Result<u64, Vec<f
     }
 }
 
+/// GETs `url` within `timeout`: its status and body. A failure to connect, send or read
+/// is `Unreachable`, naming `endpoint`.
+async fn fetch(
+    client: &reqwest::Client,
+    url: reqwest::Url,
+    timeout: std::time::Duration,
+    endpoint: &str,
+) -> Result<(reqwest::StatusCode, bytes::Bytes), SourceError> {
+    let unreachable = |reason: String| SourceError::Unreachable {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let response = client
+        .get(url)
+        .timeout(timeout)
+        .send()
+        .await
+        .map_err(|e| unreachable(error_chain(&e)))?;
+    let status = response.status();
+    let body = response
+        .bytes()
+        .await
+        .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
+    Ok((status, body))
+}
+
 /// An error with its causes, which is where reqwest puts "connection refused".
 fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();

@@ -37,7 +37,7 @@ use std::time::Duration;
 use serde_json::Value;
 
 use super::{
-    cumulative_at, error_chain, excerpt, MetricSource, Query, Snapshot, SourceError, VariantCounts,
+    cumulative_at, excerpt, fetch, MetricSource, Query, Snapshot, SourceError, VariantCounts,
 };
 
 /// How long one query may take unless [`Prometheus::timeout`] says otherwise.
@@ -120,17 +120,7 @@ pub(crate) async fn instant_query(
     let mut url = reqwest::Url::parse(&format!("{}/api/v1/query", base_url.trim_end_matches('/')))
         .map_err(|e| unreachable(format!("not a URL: {e}")))?;
     url.query_pairs_mut().append_pair("query", promql);
-    let response = client
-        .get(url)
-        .timeout(timeout)
-        .send()
-        .await
-        .map_err(|e| unreachable(error_chain(&e)))?;
-    let status = response.status();
-    let body = response
-        .bytes()
-        .await
-        .map_err(|e| unreachable(format!("reading the answer: {}", error_chain(&e))))?;
+    let (status, body) = fetch(client, url, timeout, base_url).await?;
     let json: Option<Value> = serde_json::from_slice(&body).ok();
     if !status.is_success() {
         // Prometheus explains refusals in the body (`errorType`, `error`): a bad extra
@@ -302,31 +292,7 @@ impl Plan {
                 continue;
             }
             let histogram = self.histograms.get(index).cloned().unwrap_or_default();
-            let total = list
-                .iter()
-                .find(|(bound, _)| bound.is_infinite() && bound.is_sign_positive())
-                .map(|(_, count)| *count)
-                .ok_or_else(|| malformed(format!("{histogram} has no le=\"+Inf\" bucket")))?;
-            let finite: Vec<(f64, u64)> = list
-                .iter()
-                .copied()
-                .filter(|(b, _)| b.is_finite())
-                .collect();
-            let at_threshold = cumulative_at(&finite, self.threshold_ms).map_err(|boundaries| {
-                SourceError::ThresholdNotABucketBoundary {
-                    endpoint: endpoint.to_string(),
-                    histogram: histogram.clone(),
-                    threshold_ms: self.threshold_ms,
-                    boundaries,
-                }
-            })?;
-            let slow = total.checked_sub(at_threshold).ok_or_else(|| {
-                malformed(format!(
-                    "{histogram} counts {at_threshold} samples at or below {} ms but only \
-                     {total} in all",
-                    self.threshold_ms
-                ))
-            })?;
+            let (total, slow) = samples_and_slow(list, self.threshold_ms, endpoint, &histogram)?;
             if let Some(variant) = counts.get_mut(index) {
                 variant.latency_samples = total;
                 variant.slow = slow;
@@ -334,6 +300,46 @@ impl Plan {
         }
         Ok(counts)
     }
+}
+
+/// From one histogram's `le` buckets (bounds as numbers, counts cumulative): all samples
+/// (the `+Inf` bucket) and those slower than `threshold_ms`, which must be a bound.
+/// Shared with the Istio-metrics source.
+pub(crate) fn samples_and_slow(
+    buckets: &[(f64, u64)],
+    threshold_ms: u64,
+    endpoint: &str,
+    histogram: &str,
+) -> Result<(u64, u64), SourceError> {
+    let malformed = |reason: String| SourceError::Malformed {
+        endpoint: endpoint.to_string(),
+        reason,
+    };
+    let total = buckets
+        .iter()
+        .find(|(bound, _)| bound.is_infinite() && bound.is_sign_positive())
+        .map(|(_, count)| *count)
+        .ok_or_else(|| malformed(format!("{histogram} has no le=\"+Inf\" bucket")))?;
+    let finite: Vec<(f64, u64)> = buckets
+        .iter()
+        .copied()
+        .filter(|(b, _)| b.is_finite())
+        .collect();
+    let at_threshold = cumulative_at(&finite, threshold_ms).map_err(|boundaries| {
+        SourceError::ThresholdNotABucketBoundary {
+            endpoint: endpoint.to_string(),
+            histogram: histogram.to_string(),
+            threshold_ms,
+            boundaries,
+        }
+    })?;
+    let slow = total.checked_sub(at_threshold).ok_or_else(|| {
+        malformed(format!(
+            "{histogram} counts {at_threshold} samples at or below {threshold_ms} ms but only \
+             {total} in all"
+        ))
+    })?;
+    Ok((total, slow))
 }
 
 /// The value of one instant-vector sample (`"value": [time, "12"]`) as a count (shared
