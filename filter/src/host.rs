@@ -176,9 +176,15 @@ pub fn define_metric(kind: MetricType, name: &str) -> Option<u32> {
     hostcalls::define_metric(kind, name).ok()
 }
 
-/// Adds one to a counter.
-pub fn increment(metric: u32) {
-    let _ = hostcalls::increment_metric(metric, 1);
+/// Adds `by` to a counter.
+pub fn increment_by(metric: u32, by: u64) {
+    let by = i64::try_from(by).unwrap_or(i64::MAX);
+    let _ = hostcalls::increment_metric(metric, by);
+}
+
+/// Asks for `on_tick` on this root context every `period`.
+pub fn set_tick_period(period: std::time::Duration) {
+    let _ = hostcalls::set_tick_period(period);
 }
 
 /// Records a value into a histogram.

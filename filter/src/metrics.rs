@@ -3,15 +3,112 @@
 //! Every name lives under `meshcanary.<policy>.` so it is easy to find in `/stats`
 //! (Envoy shows it as `wasmcustom.meshcanary.…`) and in Prometheus. Names are built once
 //! per configuration, never per request.
+//!
+//! Counters are counted in the module and added to Envoy's stats by [`flush`], which
+//! the root context runs every [`FLUSH_PERIOD`] and when it shuts down. A host call
+//! costs about as much as the rest of a request's work in the module, and a request
+//! bumps three or four counters: batching them is what keeps the filter close to the
+//! cost of an empty one (`make bench`). Histograms cannot be batched (Envoy records one
+//! value per call), so they are recorded at once.
+
+use std::cell::RefCell;
+use std::time::Duration;
 
 use meshcanary_policy::Policy;
 use proxy_wasm::types::MetricType;
 
 use crate::host;
 
-/// A metric handle; `None` when the host refused to define it (counted nowhere, since
-/// the counter for it would be a metric too: the configuration log says so).
-pub type Handle = Option<u32>;
+/// How often counted increments reach Envoy: the longest a counter in `/stats` lags
+/// behind the requests it counts.
+pub const FLUSH_PERIOD: Duration = Duration::from_millis(100);
+
+/// A counter: an index into this VM's pending increments; `None` when the host
+/// refused to define it (counted nowhere, since the counter for that would be a
+/// metric too: the configuration log says so).
+#[derive(Clone, Copy)]
+pub struct Counter(Option<usize>);
+
+/// A histogram's host metric id; `None` when the host refused to define it.
+#[derive(Clone, Copy)]
+pub struct Histogram(Option<u32>);
+
+thread_local! {
+    /// Per counter defined in this VM: its host metric id and the increments not yet
+    /// flushed. A VM is single-threaded; counters are never removed, and defining the
+    /// same metric again (a reconfiguration) reuses its entry, so this stays as long
+    /// as the set of metric names ever configured.
+    // (Clippy 1.63 mistakes the macro's expansion for an interior-mutable `const`.)
+    #[allow(clippy::declare_interior_mutable_const)]
+    static PENDING: RefCell<Vec<(u32, u64)>> = const { RefCell::new(Vec::new()) };
+}
+
+impl Counter {
+    /// Defines (or finds) counter `name`.
+    pub fn define(name: &str) -> Counter {
+        let id = match host::define_metric(MetricType::Counter, name) {
+            Some(id) => id,
+            None => return Counter(None),
+        };
+        Counter(PENDING.with(|pending| {
+            let mut pending = pending.try_borrow_mut().ok()?;
+            Some(match pending.iter().position(|(known, _)| *known == id) {
+                Some(index) => index,
+                None => {
+                    pending.push((id, 0));
+                    pending.len() - 1
+                }
+            })
+        }))
+    }
+
+    /// Adds one; Envoy sees it at the next [`flush`].
+    pub fn bump(self) {
+        if let Some(index) = self.0 {
+            PENDING.with(|pending| {
+                if let Ok(mut pending) = pending.try_borrow_mut() {
+                    if let Some((_, count)) = pending.get_mut(index) {
+                        *count += 1;
+                    }
+                }
+            });
+        }
+    }
+}
+
+impl Histogram {
+    /// Defines (or finds) histogram `name`.
+    pub fn define(name: &str) -> Histogram {
+        Histogram(host::define_metric(MetricType::Histogram, name))
+    }
+
+    /// Records one value, at once.
+    pub fn record(self, value: u64) {
+        if let Some(id) = self.0 {
+            host::record(id, value);
+        }
+    }
+}
+
+/// Adds every pending increment to its Envoy counter.
+pub fn flush() {
+    PENDING.with(|pending| {
+        if let Ok(mut pending) = pending.try_borrow_mut() {
+            for (id, count) in pending.iter_mut().filter(|(_, count)| *count > 0) {
+                host::increment_by(*id, *count);
+                *count = 0;
+            }
+        }
+    });
+}
+
+/// Adds one to counter `name` at once, bypassing the batch: for rare events that
+/// operators (and tests) look for right away, such as a refused configuration.
+pub fn count_now(name: &str) {
+    if let Some(id) = host::define_metric(MetricType::Counter, name) {
+        host::increment_by(id, 1);
+    }
+}
 
 /// Response classes counted per variant, in index order.
 pub const RESPONSE_CLASSES: [&str; 6] = ["1xx", "2xx", "3xx", "4xx", "5xx", "no_response"];
@@ -22,19 +119,19 @@ pub const NO_RESPONSE: usize = 5;
 /// Metrics of one variant.
 pub struct VariantMetrics {
     /// Requests decided for this variant.
-    pub requests: Handle,
+    pub requests: Counter,
     /// Responses by class ([`RESPONSE_CLASSES`]).
-    pub responses: [Handle; 6],
+    pub responses: [Counter; 6],
     /// Milliseconds from request headers to response headers.
-    pub latency_ms: Handle,
+    pub latency_ms: Histogram,
 }
 
 /// Metrics of one rule.
 pub struct RuleMetrics {
     /// Requests this rule decided.
-    pub matches: Handle,
+    pub matches: Counter,
     /// Requests a split rule placed randomly or at the fallback because the key was absent.
-    pub key_missing: Handle,
+    pub key_missing: Counter,
 }
 
 /// Why the filter could not do something it meant to do.
@@ -59,9 +156,9 @@ pub struct Metrics {
     /// Per rule, aligned with the policy's rules.
     pub rules: Vec<RuleMetrics>,
     /// Requests no rule decided (sent to the fallback variant).
-    pub fallback: Handle,
+    pub fallback: Counter,
     /// Filter errors by [`FilterError`].
-    errors: [Handle; 4],
+    errors: [Counter; 4],
 }
 
 impl Metrics {
@@ -69,7 +166,7 @@ impl Metrics {
     /// returns handles to the same stats).
     pub fn define(policy: &Policy) -> Metrics {
         let base = format!("meshcanary.{}", policy.name);
-        let counter = |name: String| host::define_metric(MetricType::Counter, &name);
+        let counter = |name: String| Counter::define(&name);
         let variants = policy
             .variants
             .iter()
@@ -79,10 +176,7 @@ impl Metrics {
                     requests: counter(format!("{}.requests", prefix)),
                     responses: RESPONSE_CLASSES
                         .map(|class| counter(format!("{}.responses.{}", prefix, class))),
-                    latency_ms: host::define_metric(
-                        MetricType::Histogram,
-                        &format!("{}.latency_ms", prefix),
-                    ),
+                    latency_ms: Histogram::define(&format!("{}.latency_ms", prefix)),
                 }
             })
             .collect();
@@ -107,21 +201,7 @@ impl Metrics {
 
     /// Counts a filter error.
     pub fn error(&self, kind: FilterError) {
-        bump(self.errors[kind as usize]);
-    }
-}
-
-/// Adds one to a counter, if it exists.
-pub fn bump(handle: Handle) {
-    if let Some(id) = handle {
-        host::increment(id);
-    }
-}
-
-/// Records a histogram value, if the histogram exists.
-pub fn record(handle: Handle, value: u64) {
-    if let Some(id) = handle {
-        host::record(id, value);
+        self.errors[kind as usize].bump();
     }
 }
 

@@ -14,10 +14,9 @@ use std::time::Duration;
 
 use meshcanary_policy::mirror::BodyDigest;
 use meshcanary_policy::{Compare, Mirror};
-use proxy_wasm::types::MetricType;
 
 use crate::host::{self, HeaderMap};
-use crate::metrics::{bump, parse_status, record, response_class, Handle, RESPONSE_CLASSES};
+use crate::metrics::{parse_status, response_class, Counter, Histogram, RESPONSE_CLASSES};
 
 /// Why an eligible request was not copied, as counted in `shadow.skipped.<reason>`.
 #[derive(Clone, Copy)]
@@ -50,24 +49,23 @@ const SKIP_NAMES: [&str; 7] = [
 
 /// Metrics under `meshcanary.<policy>.shadow.`.
 pub struct ShadowMetrics {
-    sent: Handle,
-    failed: Handle,
-    timed_out: Handle,
-    skipped: [Handle; 7],
-    responses: [Handle; 6],
-    status_match: Handle,
-    status_mismatch: Handle,
-    body_match: Handle,
-    body_mismatch: Handle,
-    compare_skipped: Handle,
-    latency_ms: Handle,
+    sent: Counter,
+    failed: Counter,
+    timed_out: Counter,
+    skipped: [Counter; 7],
+    responses: [Counter; 6],
+    status_match: Counter,
+    status_mismatch: Counter,
+    body_match: Counter,
+    body_mismatch: Counter,
+    compare_skipped: Counter,
+    latency_ms: Histogram,
 }
 
 impl ShadowMetrics {
     fn define(policy: &str) -> ShadowMetrics {
         let base = format!("meshcanary.{}.shadow", policy);
-        let counter =
-            |name: &str| host::define_metric(MetricType::Counter, &format!("{}.{}", base, name));
+        let counter = |name: &str| Counter::define(&format!("{}.{}", base, name));
         ShadowMetrics {
             sent: counter("sent"),
             failed: counter("failed"),
@@ -79,7 +77,7 @@ impl ShadowMetrics {
             body_match: counter("body_match"),
             body_mismatch: counter("body_mismatch"),
             compare_skipped: counter("compare_skipped"),
-            latency_ms: host::define_metric(MetricType::Histogram, &format!("{}.latency_ms", base)),
+            latency_ms: Histogram::define(&format!("{}.latency_ms", base)),
         }
     }
 }
@@ -153,7 +151,7 @@ impl Shadow {
 
     /// Counts a request that was eligible but not copied.
     pub fn skipped(&self, reason: Skip) {
-        bump(self.metrics.skipped[reason as usize]);
+        self.metrics.skipped[reason as usize].bump();
     }
 
     /// Starts a copy of the current request from its headers (`request`, read in
@@ -173,7 +171,7 @@ impl Shadow {
         let request = match request {
             Some(r) => r,
             None => {
-                bump(self.metrics.failed);
+                self.metrics.failed.bump();
                 return None;
             }
         };
@@ -234,7 +232,7 @@ impl Shadow {
         let id = copy.id;
         let woken = self.queue.map_or(false, |q| host::enqueue(q, b"copy"));
         if !woken {
-            bump(self.metrics.failed);
+            self.metrics.failed.bump();
             self.forget(id);
             return None;
         }
@@ -274,7 +272,7 @@ impl Shadow {
             };
             match host::dispatch(&self.mirror.cluster, headers, body, trailers, timeout) {
                 Ok(token) => {
-                    bump(self.metrics.sent);
+                    self.metrics.sent.bump();
                     self.calls.borrow_mut().insert(
                         token,
                         Call {
@@ -290,7 +288,7 @@ impl Shadow {
                         self.mirror.cluster,
                         status
                     );
-                    bump(self.metrics.failed);
+                    self.metrics.failed.bump();
                     self.forget(copy.id);
                 }
             }
@@ -313,20 +311,20 @@ impl Shadow {
             // No response: Envoy gives no reason, so the clock tells a timeout from a failure.
             let timed_out =
                 elapsed_ms.map_or(false, |ms| ms + 5 >= u64::from(self.mirror.timeout_ms));
-            bump(if timed_out {
-                self.metrics.timed_out
+            if timed_out {
+                self.metrics.timed_out.bump();
             } else {
-                self.metrics.failed
-            });
+                self.metrics.failed.bump();
+            }
             self.comparisons.borrow_mut().remove(&call.id);
             return;
         }
         if let Some(ms) = elapsed_ms {
-            record(self.metrics.latency_ms, ms);
+            self.metrics.latency_ms.record(ms);
         }
         let status = host::call_response_header(":status").and_then(|s| parse_status(&s));
         let class = response_class(status.unwrap_or(0));
-        bump(self.metrics.responses[class]);
+        self.metrics.responses[class].bump();
         if self.mirror.compare == Compare::Off {
             return;
         }
@@ -364,20 +362,20 @@ impl Shadow {
         let (primary, shadow) = match (primary, shadow) {
             (Some(p), Some(s)) => (p, s),
             _ => {
-                bump(self.metrics.compare_skipped);
+                self.metrics.compare_skipped.bump();
                 return;
             }
         };
         if primary.class != shadow.class {
-            bump(self.metrics.status_mismatch);
+            self.metrics.status_mismatch.bump();
             return;
         }
-        bump(self.metrics.status_match);
+        self.metrics.status_match.bump();
         if self.mirror.compare == Compare::Body {
             match (primary.body, shadow.body) {
-                (Some(p), Some(s)) if p == s => bump(self.metrics.body_match),
-                (Some(_), Some(_)) => bump(self.metrics.body_mismatch),
-                _ => bump(self.metrics.compare_skipped),
+                (Some(p), Some(s)) if p == s => self.metrics.body_match.bump(),
+                (Some(_), Some(_)) => self.metrics.body_mismatch.bump(),
+                _ => self.metrics.compare_skipped.bump(),
             }
         }
     }

@@ -16,6 +16,11 @@ use crate::paths;
 /// Name of the filter in every configuration (and of the ECDS resource).
 pub const FILTER_NAME: &str = "meshcanary";
 
+/// How long a stats read waits for the filter's counts to reach Envoy: the filter flushes
+/// them every 100 ms (`metrics::FLUSH_PERIOD` in the filter), plus a margin for a busy
+/// worker.
+pub const FILTER_FLUSH_WAIT: Duration = Duration::from_millis(250);
+
 /// Where the filter gets its policy from.
 #[derive(Debug, Clone)]
 pub enum FilterSource {
@@ -338,8 +343,16 @@ impl Envoy {
         self.dir.path()
     }
 
-    /// All counters and gauges (`/stats?format=json`), by full name.
+    /// All counters and gauges (`/stats?format=json`), by full name, once everything
+    /// counted before the call has reached Envoy: the filter adds its counts to Envoy's
+    /// stats every 100 ms, so this first waits [`FILTER_FLUSH_WAIT`].
     pub async fn stats(&self) -> HashMap<String, u64> {
+        tokio::time::sleep(FILTER_FLUSH_WAIT).await;
+        self.stats_now().await
+    }
+
+    /// All counters and gauges as Envoy has them right now.
+    async fn stats_now(&self) -> HashMap<String, u64> {
         self.stats_json()
             .await
             .iter()
@@ -424,7 +437,7 @@ impl Envoy {
     ) -> u64 {
         let deadline = Instant::now() + timeout;
         loop {
-            let value = self.counter(name).await;
+            let value = self.stats_now().await.get(name).copied().unwrap_or(0);
             if done(value) || Instant::now() > deadline {
                 return value;
             }
