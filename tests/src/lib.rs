@@ -113,14 +113,18 @@ pub async fn route_keys(
 
 /// Panics if Envoy's log shows the filter's VM trapped or failed a callback.
 pub fn assert_no_wasm_failure(log: &str) {
-    for line in log.lines() {
-        let lower = line.to_ascii_lowercase();
-        assert!(
-            !(lower.contains("panicked")
-                || lower.contains("runtimeerror")
-                || lower.contains("wasm trap")
-                || (lower.contains("proxy_on_") && lower.contains("failed"))),
-            "the filter failed inside Envoy: {line}"
-        );
+    if let Some(line) = wasm_failure(log) {
+        panic!("the filter failed inside Envoy: {line}");
     }
+}
+
+/// The first line of Envoy's log that shows a wasm VM trapped or failed a callback.
+pub fn wasm_failure(log: &str) -> Option<&str> {
+    log.lines().find(|line| {
+        let lower = line.to_ascii_lowercase();
+        lower.contains("panicked")
+            || lower.contains("runtimeerror")
+            || lower.contains("wasm trap")
+            || (lower.contains("proxy_on_") && lower.contains("failed"))
+    })
 }

@@ -3,6 +3,7 @@
 //! ```text
 //! meshcanary-bench                 # the full run: prints the tables, writes target/bench/results.json
 //! meshcanary-bench --smoke         # tiny durations; only checks that every row produced numbers
+//! meshcanary-bench --host-calls    # what each kind of host call costs: target/bench/host-calls.json
 //! ```
 //!
 //! One Envoy per configuration (one worker each) is started up front, then every round
@@ -13,6 +14,7 @@
 //! in-process upstreams) is stopped before it returns, and every loop is bounded in
 //! count and time.
 
+mod host_calls;
 mod micro;
 mod report;
 mod setups;
@@ -40,14 +42,18 @@ struct Args {
     /// was written (what `make test` runs).
     #[arg(long)]
     smoke: bool,
+    /// Instead of the main run: the price of each kind of host call the filter makes
+    /// (`filter/bench-probe`, see `host_calls.rs`).
+    #[arg(long)]
+    host_calls: bool,
     /// Rounds (each runs every configuration once), 1–20. Default 5 (smoke: 1).
     #[arg(long)]
     rounds: Option<u32>,
-    /// Seconds per wrk run, 1–30. Default 4 (smoke: 1).
+    /// Seconds per wrk run, 1–30. Default 4, with --host-calls 2 (smoke: 1).
     #[arg(long)]
     duration_s: Option<u64>,
     /// Seconds of discarded warm-up per configuration before the rounds, 0–10.
-    /// Default 2 (smoke: 0).
+    /// Default 2, with --host-calls 1 (smoke: 0).
     #[arg(long)]
     warmup_s: Option<u64>,
     /// wrk connections for the throughput rows (1–5).
@@ -62,9 +68,13 @@ struct Args {
     /// The empty module (`scripts/build-wasm.sh bench-empty`).
     #[arg(long)]
     empty_wasm: Option<PathBuf>,
-    /// Where the JSON record goes.
-    #[arg(long, default_value = "target/bench/results.json")]
-    out: PathBuf,
+    /// The probe module for --host-calls (`scripts/build-wasm.sh bench-probe`).
+    #[arg(long)]
+    probe_wasm: Option<PathBuf>,
+    /// Where the JSON record goes. Default target/bench/results.json, with --host-calls
+    /// target/bench/host-calls.json.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 /// The run's parameters, checked.
@@ -79,14 +89,21 @@ struct Plan {
     primary_delay: Duration,
     meshcanary_wasm: PathBuf,
     empty_wasm: PathBuf,
+    /// `Some` for `--host-calls`: the probe module.
+    host_calls: Option<PathBuf>,
     out: PathBuf,
 }
 
 impl Plan {
     fn from_args(args: Args) -> Result<Plan, String> {
         let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 5 });
-        let duration_s = args.duration_s.unwrap_or(if args.smoke { 1 } else { 4 });
-        let warmup_s = args.warmup_s.unwrap_or(if args.smoke { 0 } else { 2 });
+        let (full_duration_s, full_warmup_s) = if args.host_calls { (2, 1) } else { (4, 2) };
+        let duration_s = args
+            .duration_s
+            .unwrap_or(if args.smoke { 1 } else { full_duration_s });
+        let warmup_s = args
+            .warmup_s
+            .unwrap_or(if args.smoke { 0 } else { full_warmup_s });
         if !(1..=20).contains(&rounds) {
             return Err(format!("--rounds {rounds}: expected 1–20"));
         }
@@ -107,11 +124,22 @@ impl Plan {
         if !(1..=100).contains(&args.primary_ms) {
             return Err(format!("--primary-ms {}: expected 1–100", args.primary_ms));
         }
-        let out = if args.out.is_absolute() {
-            args.out
+        let out = args.out.unwrap_or_else(|| {
+            PathBuf::from(if args.host_calls {
+                "target/bench/host-calls.json"
+            } else {
+                "target/bench/results.json"
+            })
+        });
+        let out = if out.is_absolute() {
+            out
         } else {
-            paths::repo().join(args.out)
+            paths::repo().join(out)
         };
+        let host_calls = args.host_calls.then(|| {
+            args.probe_wasm
+                .unwrap_or_else(|| paths::repo().join("target/wasm/bench_probe.wasm"))
+        });
         Ok(Plan {
             smoke: args.smoke,
             rounds,
@@ -129,6 +157,7 @@ impl Plan {
             empty_wasm: args
                 .empty_wasm
                 .unwrap_or_else(|| paths::repo().join("target/wasm/bench_empty.wasm")),
+            host_calls,
             out,
         })
     }
@@ -161,6 +190,13 @@ async fn main() -> ExitCode {
 
 async fn run(plan: &Plan) -> Result<(), String> {
     let started = Instant::now();
+    let bench_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
+    let script = bench_dir.path().join("requests.lua");
+    std::fs::write(&script, include_str!("requests.lua"))
+        .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    if let Some(probe_wasm) = &plan.host_calls {
+        return host_calls::run(plan, probe_wasm, &script).await;
+    }
     // --- what is measured, and on what ------------------------------------------------
     let wrk_version = wrk::version().await?;
     let envoy_version = envoy_version()?;
@@ -175,10 +211,6 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let meshcanary_bytes = module(&plan.meshcanary_wasm)?;
     let empty_bytes = module(&plan.empty_wasm)?;
     let machine = machine();
-    let bench_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
-    let script = bench_dir.path().join("requests.lua");
-    std::fs::write(&script, include_str!("requests.lua"))
-        .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
 
     println!(
         "meshcanary bench ({}): {} rounds × {} s per configuration, configurations measured alternately; warm-up {} s each",
@@ -442,11 +474,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
         "context": context,
         "elapsed_s": started.elapsed().as_secs_f64(),
     });
-    if let Some(dir) = plan.out.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
-    }
-    let text = serde_json::to_string_pretty(&record).map_err(|e| e.to_string())?;
-    std::fs::write(&plan.out, text).map_err(|e| format!("{}: {e}", plan.out.display()))?;
+    report::write_json(&plan.out, &record)?;
     println!(
         "\nResults written to {} ({:.0} s in all)",
         plan.out.display(),

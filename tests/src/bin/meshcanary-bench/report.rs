@@ -44,7 +44,7 @@ impl Spread {
     }
 
     /// `median (min–max)` with `decimals` digits; thousands separated when 0.
-    fn cell(&self, decimals: usize) -> String {
+    pub fn cell(&self, decimals: usize) -> String {
         let f = |v: f64| {
             if decimals == 0 {
                 thousands(v.round() as u64)
@@ -54,6 +54,15 @@ impl Spread {
         };
         format!("{} ({}–{})", f(self.median), f(self.min), f(self.max))
     }
+}
+
+/// Writes `value` as pretty JSON to `path`, creating its directory.
+pub fn write_json(path: &std::path::Path, value: &Value) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| e.to_string())?;
+    std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
 }
 
 /// `1234567` → `1,234,567`.

@@ -105,14 +105,7 @@ pub struct Addresses {
 pub fn all(addrs: &Addresses, empty_wasm: &Path) -> Vec<Setup> {
     let policy_plain = policy(false).to_string();
     let policy_mirror = policy(true).to_string();
-    let direct_routes = json!([
-        route_on(
-            DECISION_HEADER,
-            json!({"exact": "canary"}),
-            direct("canary")
-        ),
-        catch_all(direct("stable")),
-    ]);
+    let direct_routes = direct_routes();
 
     // Row 2: the empty module in the filter's place, same route table as rows 1 and 3.
     let mut empty = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
@@ -277,6 +270,30 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path) -> Vec<Setup> {
             baseline: "upstream_native_weighted",
         },
     ]
+}
+
+/// Rows 1–3's route table: Envoy answers itself, `canary` when the decision header says
+/// so, `stable` otherwise.
+fn direct_routes() -> Value {
+    json!([
+        route_on(
+            DECISION_HEADER,
+            json!({"exact": "canary"}),
+            direct("canary")
+        ),
+        catch_all(direct("stable")),
+    ])
+}
+
+/// Row 2's configuration with `filter/bench-probe` in the empty filter's place, given its
+/// plugin configuration (`"<call> <count>"`, plain text): `--host-calls`.
+pub fn probe(addrs: &Addresses, probe_wasm: &Path, configuration: &str) -> Value {
+    let mut bootstrap = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
+    set_routes(&mut bootstrap, direct_routes());
+    let mut filter = wasm_filter("{}", probe_wasm);
+    filter["config"]["configuration"]["value"] = json!(configuration);
+    http_filters(&mut bootstrap)[0]["typed_config"] = filter;
+    bootstrap
 }
 
 /// The harness's rendering with `stable` and `canary` on the primary upstream, a
