@@ -483,6 +483,53 @@ async fn per_variant_counters_equal_what_the_upstreams_saw() {
     assert_no_wasm_failure(&envoy.log());
 }
 
+/// The filter counts in the module and flushes to Envoy every 100 ms: requests answered
+/// just before a policy update (and the end of the root that counted them) must still
+/// reach Envoy's counters, exactly once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ecds = dir.path().join("meshcanary.ecds.json");
+    write_ecds(&ecds, "1", &split_policy(10).to_string());
+    let config =
+        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    envoy
+        .wait_ecds_version("1", Duration::from_secs(10))
+        .await
+        .expect("v1 applied");
+
+    let first = route_keys(&envoy, "x-user-id", &user_ids(300), 2).await;
+    // At once, well inside one flush period after the last answer.
+    write_ecds(&ecds, "2", &split_policy(30).to_string());
+    envoy
+        .wait_ecds_version("2", Duration::from_secs(10))
+        .await
+        .expect("v2 applied");
+    let second = route_keys(&envoy, "x-user-id", &user_ids(200), 2).await;
+
+    let stats = envoy.stats().await;
+    let requests = |variant: &str| {
+        stats
+            .get(&format!(
+                "wasmcustom.meshcanary.checkout.variant.{variant}.requests"
+            ))
+            .copied()
+            .unwrap_or(0)
+    };
+    let answered = (first.len() + second.len()) as u64;
+    assert_eq!(answered, 500);
+    assert_eq!(
+        (requests("stable"), requests("canary")),
+        (stable.count() as u64, canary.count() as u64),
+        "the filter's counters against what the upstreams saw"
+    );
+    assert_eq!(requests("stable") + requests("canary"), answered);
+    assert_no_wasm_failure(&envoy.log());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_never_fails_a_request_and_is_routed_as_the_core_decides() {
     let policy = json!({
