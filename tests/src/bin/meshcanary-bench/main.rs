@@ -68,7 +68,7 @@ struct Args {
     /// The empty module (`scripts/build-wasm.sh bench-empty`).
     #[arg(long)]
     empty_wasm: Option<PathBuf>,
-    /// The probe module for --host-calls (`scripts/build-wasm.sh bench-probe`).
+    /// The probe module: row 2b and --host-calls (`scripts/build-wasm.sh bench-probe`).
     #[arg(long)]
     probe_wasm: Option<PathBuf>,
     /// Where the JSON record goes. Default target/bench/results.json, with --host-calls
@@ -89,8 +89,10 @@ struct Plan {
     primary_delay: Duration,
     meshcanary_wasm: PathBuf,
     empty_wasm: PathBuf,
-    /// `Some` for `--host-calls`: the probe module.
-    host_calls: Option<PathBuf>,
+    /// `filter/bench-probe`'s module: row 2b, and every row of `--host-calls`.
+    probe_wasm: PathBuf,
+    /// Instead of the main run, `--host-calls`.
+    host_calls: bool,
     out: PathBuf,
 }
 
@@ -136,10 +138,9 @@ impl Plan {
         } else {
             paths::repo().join(out)
         };
-        let host_calls = args.host_calls.then(|| {
-            args.probe_wasm
-                .unwrap_or_else(|| paths::repo().join("target/wasm/bench_probe.wasm"))
-        });
+        let probe_wasm = args
+            .probe_wasm
+            .unwrap_or_else(|| paths::repo().join("target/wasm/bench_probe.wasm"));
         Ok(Plan {
             smoke: args.smoke,
             rounds,
@@ -157,7 +158,8 @@ impl Plan {
             empty_wasm: args
                 .empty_wasm
                 .unwrap_or_else(|| paths::repo().join("target/wasm/bench_empty.wasm")),
-            host_calls,
+            probe_wasm,
+            host_calls: args.host_calls,
             out,
         })
     }
@@ -194,8 +196,8 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let script = bench_dir.path().join("requests.lua");
     std::fs::write(&script, include_str!("requests.lua"))
         .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
-    if let Some(probe_wasm) = &plan.host_calls {
-        return host_calls::run(plan, probe_wasm, &script).await;
+    if plan.host_calls {
+        return host_calls::run(plan, &plan.probe_wasm, &script).await;
     }
     // --- what is measured, and on what ------------------------------------------------
     let wrk_version = wrk::version().await?;
@@ -203,13 +205,14 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let module = |path: &Path| {
         std::fs::metadata(path).map(|m| m.len()).map_err(|e| {
             format!(
-                "{}: {e} (make wasm / scripts/build-wasm.sh bench-empty)",
+                "{}: {e} (make bench-deps builds every module)",
                 path.display()
             )
         })
     };
     let meshcanary_bytes = module(&plan.meshcanary_wasm)?;
     let empty_bytes = module(&plan.empty_wasm)?;
+    module(&plan.probe_wasm)?;
     let machine = machine();
 
     println!(
@@ -259,7 +262,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
         slow_shadow: slow_shadow.addr,
     };
     let mut running: Vec<(Setup, Envoy)> = Vec::new();
-    for setup in setups::all(&addrs, &plan.empty_wasm) {
+    for setup in setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm) {
         let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
         let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
             .await
@@ -429,8 +432,11 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let p99_ratio = |a: &str, b: &str| -> Result<f64, String> {
         Ok(find(a)?.ratio(find(b)?, |r| r.p99_us as f64).median)
     };
+    let one_header = find("one_header_wasm")?;
     let context = json!({
         "cpu_ratio_empty_to_meshcanary": cpu(empty) / cpu(routed),
+        "rps_one_header_to_empty": one_header.ratio(empty, wrk::Run::rps).median,
+        "rps_meshcanary_to_one_header": routed.ratio(one_header, wrk::Run::rps).median,
         "p99_slow_shadow_to_fast_shadow": p99_ratio("upstream_meshcanary_slow_shadow", "upstream_meshcanary_fast_shadow")?,
         "p99_native_mirror_to_native": p99_ratio("upstream_native_slow_mirror", "upstream_native_weighted")?,
     });
@@ -449,6 +455,11 @@ async fn run(plan: &Plan) -> Result<(), String> {
             context["cpu_ratio_empty_to_meshcanary"].as_f64().unwrap_or(f64::NAN),
             context["p99_slow_shadow_to_fast_shadow"].as_f64().unwrap_or(f64::NAN),
             context["p99_native_mirror_to_native"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "  context: the one-header floor, requests/s row 2b / row 2 = {:.3}; row 3 / row 2b = {:.3}",
+            context["rps_one_header_to_empty"].as_f64().unwrap_or(f64::NAN),
+            context["rps_meshcanary_to_one_header"].as_f64().unwrap_or(f64::NAN),
         );
     }
 

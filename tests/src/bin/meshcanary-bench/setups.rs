@@ -102,7 +102,7 @@ pub struct Addresses {
 /// Every configuration, in the order each round runs them.
 /// (The meshcanary rows load the module the e2e harness uses: `MESHCANARY_WASM`, else
 /// `target/wasm/meshcanary_filter.wasm`.)
-pub fn all(addrs: &Addresses, empty_wasm: &Path) -> Vec<Setup> {
+pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup> {
     let policy_plain = policy(false).to_string();
     let policy_mirror = policy(true).to_string();
     let direct_routes = direct_routes();
@@ -111,6 +111,10 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path) -> Vec<Setup> {
     let mut empty = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
     set_routes(&mut empty, direct_routes.clone());
     http_filters(&mut empty)[0]["typed_config"] = wasm_filter("{}", empty_wasm);
+
+    // Row 2b: the floor the targets are set against — a filter that only writes one
+    // request header (the probe, writing the decision header once).
+    let one_header = probe(addrs, probe_wasm, "set_request_header 1");
 
     let mut native = base(addrs, FilterSource::None, addrs.fast_shadow);
     set_routes(&mut native, direct_routes.clone());
@@ -203,6 +207,14 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path) -> Vec<Setup> {
             family: Family::Throughput,
             bootstrap: empty,
             baseline: "empty_wasm",
+        },
+        Setup {
+            id: "one_header_wasm",
+            row: "2b",
+            title: "Envoy + a wasm filter that only writes one request header (bench_probe.wasm)",
+            family: Family::Throughput,
+            bootstrap: one_header,
+            baseline: "one_header_wasm",
         },
         Setup {
             id: "meshcanary",
