@@ -53,7 +53,7 @@ struct Args {
     #[arg(long)]
     duration_s: Option<u64>,
     /// Seconds of discarded warm-up per configuration before the rounds, 0–10.
-    /// Default 2, with --host-calls 1 (smoke: 0).
+    /// Default 1 (smoke: 0).
     #[arg(long)]
     warmup_s: Option<u64>,
     /// wrk connections for the throughput rows (1–5).
@@ -99,13 +99,11 @@ struct Plan {
 impl Plan {
     fn from_args(args: Args) -> Result<Plan, String> {
         let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 5 });
-        let (full_duration_s, full_warmup_s) = if args.host_calls { (2, 1) } else { (4, 2) };
+        let full_duration_s = if args.host_calls { 2 } else { 4 };
         let duration_s = args
             .duration_s
             .unwrap_or(if args.smoke { 1 } else { full_duration_s });
-        let warmup_s = args
-            .warmup_s
-            .unwrap_or(if args.smoke { 0 } else { full_warmup_s });
+        let warmup_s = args.warmup_s.unwrap_or(if args.smoke { 0 } else { 1 });
         if !(1..=20).contains(&rounds) {
             return Err(format!("--rounds {rounds}: expected 1–20"));
         }
