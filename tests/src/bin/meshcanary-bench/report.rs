@@ -208,6 +208,31 @@ pub fn throughput_table(all: &[Measured], native: &Measured, empty: &Measured) -
     out
 }
 
+/// `--compare`'s table: every module against the empty filter, and against the first
+/// module (the one being compared with), in the same rounds.
+pub fn compare_table(all: &[Measured], empty: &Measured, first: &Measured) -> String {
+    let mut out = String::from(
+        "| row | configuration | requests/s | × row 2 | × row 3.1 | Envoy CPU µs/request | RSS MiB |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for m in all {
+        let rss = m
+            .rss_kib
+            .map_or("?".into(), |k| format!("{:.1}", k as f64 / 1024.0));
+        out += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            m.setup.row,
+            m.setup.title,
+            m.rps().cell(0),
+            m.ratio(empty, Run::rps).cell(3),
+            m.ratio(first, Run::rps).cell(3),
+            m.cpu_us().cell(2),
+            rss,
+        );
+    }
+    out
+}
+
 /// The latency table (rows 4b, 4c, 5b, 5c) as Markdown; each row's percentiles are
 /// compared with its baseline's in the same round (4c with 4b, 5c with 5b).
 pub fn latency_table(all: &[Measured]) -> String {

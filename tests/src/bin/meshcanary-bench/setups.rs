@@ -14,7 +14,7 @@
 //!   mirrors to a fast shadow, to tell the cost of copying from the cost of slowness.
 
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use meshcanary_e2e::envoy::wasm_filter;
 use meshcanary_e2e::{Cluster, EnvoyConfig, FilterSource};
@@ -75,18 +75,18 @@ pub enum Family {
 /// One configuration to measure.
 pub struct Setup {
     /// Stable identifier (JSON key).
-    pub id: &'static str,
+    pub id: String,
     /// Row label in the table.
-    pub row: &'static str,
+    pub row: String,
     /// What it is, for the table.
-    pub title: &'static str,
+    pub title: String,
     /// Which table it belongs to.
     pub family: Family,
     /// The Envoy bootstrap.
     pub bootstrap: Value,
     /// Latency rows: the configuration this one is compared with (the same routing
     /// without mirroring; itself for the baselines).
-    pub baseline: &'static str,
+    pub baseline: String,
 }
 
 /// Where the configurations send traffic.
@@ -193,95 +193,132 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
 
     vec![
         Setup {
-            id: "native",
-            row: "1",
-            title: "native Envoy, direct response, no filter",
+            id: "native".into(),
+            row: "1".into(),
+            title: "native Envoy, direct response, no filter".into(),
             family: Family::Throughput,
             bootstrap: native,
-            baseline: "native",
+            baseline: "native".into(),
         },
         Setup {
-            id: "empty_wasm",
-            row: "2",
-            title: "Envoy + empty proxy-wasm filter (bench_empty.wasm)",
+            id: "empty_wasm".into(),
+            row: "2".into(),
+            title: "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
             family: Family::Throughput,
             bootstrap: empty,
-            baseline: "empty_wasm",
+            baseline: "empty_wasm".into(),
         },
         Setup {
-            id: "one_header_wasm",
-            row: "2b",
-            title: "Envoy + a wasm filter that only writes one request header (bench_probe.wasm)",
+            id: "one_header_wasm".into(),
+            row: "2b".into(),
+            title: "Envoy + a wasm filter that only writes one request header (bench_probe.wasm)"
+                .into(),
             family: Family::Throughput,
             bootstrap: one_header,
-            baseline: "one_header_wasm",
+            baseline: "one_header_wasm".into(),
         },
         Setup {
-            id: "meshcanary",
-            row: "3",
-            title: "Envoy + meshcanary, 3 header/cookie rules + sticky split",
+            id: "meshcanary".into(),
+            row: "3".into(),
+            title: "Envoy + meshcanary, 3 header/cookie rules + sticky split".into(),
             family: Family::Throughput,
             bootstrap: routed,
-            baseline: "meshcanary",
+            baseline: "meshcanary".into(),
         },
         Setup {
-            id: "meshcanary_mirror",
-            row: "4",
-            title: "as 3 + every GET mirrored to a shadow upstream",
+            id: "meshcanary_mirror".into(),
+            row: "4".into(),
+            title: "as 3 + every GET mirrored to a shadow upstream".into(),
             family: Family::Throughput,
             bootstrap: mirrored,
-            baseline: "meshcanary_mirror",
+            baseline: "meshcanary_mirror".into(),
         },
         Setup {
-            id: "native_routing",
-            row: "5",
-            title: "native Envoy routing: header-match routes + 10 % route fraction",
+            id: "native_routing".into(),
+            row: "5".into(),
+            title: "native Envoy routing: header-match routes + 10 % route fraction".into(),
             family: Family::Throughput,
             bootstrap: native_routing,
-            baseline: "native_routing",
+            baseline: "native_routing".into(),
         },
         Setup {
-            id: "upstream_meshcanary",
-            row: "4b",
-            title: "meshcanary routing to a real upstream, no mirroring",
+            id: "upstream_meshcanary".into(),
+            row: "4b".into(),
+            title: "meshcanary routing to a real upstream, no mirroring".into(),
             family: Family::Latency,
             bootstrap: upstream_plain,
-            baseline: "upstream_meshcanary",
+            baseline: "upstream_meshcanary".into(),
         },
         Setup {
-            id: "upstream_meshcanary_slow_shadow",
-            row: "4c",
-            title: "as 4b + every GET mirrored to a 20× slower shadow",
+            id: "upstream_meshcanary_slow_shadow".into(),
+            row: "4c".into(),
+            title: "as 4b + every GET mirrored to a 20× slower shadow".into(),
             family: Family::Latency,
             bootstrap: upstream_mirror,
-            baseline: "upstream_meshcanary",
+            baseline: "upstream_meshcanary".into(),
         },
         Setup {
-            id: "upstream_meshcanary_fast_shadow",
-            row: "4d",
-            title: "as 4b + every GET mirrored to a fast shadow (answers at once)",
+            id: "upstream_meshcanary_fast_shadow".into(),
+            row: "4d".into(),
+            title: "as 4b + every GET mirrored to a fast shadow (answers at once)".into(),
             family: Family::Latency,
             bootstrap: upstream_mirror_fast,
-            baseline: "upstream_meshcanary",
+            baseline: "upstream_meshcanary".into(),
         },
         Setup {
-            id: "upstream_native_weighted",
-            row: "5b",
-            title: "native Envoy routing: header-match routes + weighted_clusters",
+            id: "upstream_native_weighted".into(),
+            row: "5b".into(),
+            title: "native Envoy routing: header-match routes + weighted_clusters".into(),
             family: Family::Latency,
             bootstrap: upstream_native,
-            baseline: "upstream_native_weighted",
+            baseline: "upstream_native_weighted".into(),
         },
         Setup {
-            id: "upstream_native_slow_mirror",
-            row: "5c",
+            id: "upstream_native_slow_mirror".into(),
+            row: "5c".into(),
             title:
-                "as 5b + Envoy's own mirroring (request_mirror_policies) to the 20× slower shadow",
+                "as 5b + Envoy's own mirroring (request_mirror_policies) to the 20× slower shadow"
+                    .into(),
             family: Family::Latency,
             bootstrap: native_mirror,
-            baseline: "upstream_native_weighted",
+            baseline: "upstream_native_weighted".into(),
         },
     ]
+}
+
+/// `--compare`: row 2 (the empty filter), then row 3 — the bench policy on the same
+/// routes — once per module, so two builds of the filter are measured side by side.
+pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec<Setup> {
+    let with_module = |wasm: &Path, config: &str| {
+        let mut bootstrap = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
+        set_routes(&mut bootstrap, direct_routes());
+        http_filters(&mut bootstrap)[0]["typed_config"] = wasm_filter(config, wasm);
+        bootstrap
+    };
+    let throughput = |id: String, row: String, title: String, bootstrap: Value| Setup {
+        baseline: id.clone(),
+        id,
+        row,
+        title,
+        family: Family::Throughput,
+        bootstrap,
+    };
+    let mut all = vec![throughput(
+        "empty_wasm".into(),
+        "2".into(),
+        "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
+        with_module(empty_wasm, "{}"),
+    )];
+    let policy = policy(false).to_string();
+    for (i, wasm) in modules.iter().enumerate() {
+        all.push(throughput(
+            format!("module_{}", i + 1),
+            format!("3.{}", i + 1),
+            format!("as row 3, module {}", wasm.display()),
+            with_module(wasm, &policy),
+        ));
+    }
+    all
 }
 
 /// Rows 1–3's route table: Envoy answers itself, `canary` when the decision header says
