@@ -10,11 +10,12 @@
 use std::net::SocketAddr;
 use std::path::Path;
 
-use meshcanary_e2e::Envoy;
+use std::time::Instant;
+
 use serde_json::{json, Value};
 
-use crate::report::{self, Spread};
-use crate::setups::{self, Addresses, WORKERS};
+use crate::report::{self, Measured, Spread};
+use crate::setups::{self, Addresses, Family, Setup};
 use crate::{wrk, Plan};
 
 /// Calls per request in every probe.
@@ -64,53 +65,49 @@ pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), St
         fast_shadow: nowhere,
         slow_shadow: nowhere,
     };
-    let mut running: Vec<(&str, Envoy)> = Vec::new();
-    for (call, _) in CALLS {
-        let bootstrap = setups::probe(&addrs, probe_wasm, &format!("{call} {REPEAT}"));
-        let text = serde_json::to_string_pretty(&bootstrap).map_err(|e| e.to_string())?;
-        let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
-            .await
-            .map_err(|e| format!("probe {call}: Envoy did not start: {e}"))?;
-        running.push((call, envoy));
-    }
-    if !plan.warmup.is_zero() {
-        for (_, envoy) in &running {
-            wrk::run(script, envoy.listener, None, plan.connections, plan.warmup).await?;
+    let probes = CALLS
+        .iter()
+        .map(|(call, what)| Setup {
+            id: (*call).into(),
+            row: (*call).into(),
+            title: (*what).into(),
+            family: Family::Throughput,
+            bootstrap: setups::probe(&addrs, probe_wasm, &format!("{call} {REPEAT}")),
+            baseline: "none".into(),
+        })
+        .collect();
+    let mut measured = Vec::with_capacity(CALLS.len());
+    for (setup, envoy, runs) in crate::alternate(plan, script, probes, Instant::now()).await? {
+        let log = envoy.log();
+        envoy.stop().await;
+        if let Some(line) = meshcanary_e2e::wasm_failure(&log) {
+            return Err(format!(
+                "probe {}: the module failed in Envoy: {line}",
+                setup.id
+            ));
         }
-    }
-    let mut runs: Vec<Vec<wrk::Run>> = vec![Vec::new(); running.len()];
-    for round in 1..=plan.rounds {
-        for (i, (call, envoy)) in running.iter().enumerate() {
-            let run = wrk::run(
-                script,
-                envoy.listener,
-                envoy.pid(),
-                plan.connections,
-                plan.duration,
-            )
-            .await
-            .map_err(|e| format!("round {round}, probe {call}: {e}"))?;
+        for (round, run) in runs.iter().enumerate() {
             if run.socket_errors + run.status_errors > 0 || run.requests == 0 {
                 return Err(format!(
-                    "round {round}, probe {call}: {} requests, {} failed",
+                    "round {}, probe {}: {} requests, {} failed",
+                    round + 1,
+                    setup.id,
                     run.requests,
                     run.socket_errors + run.status_errors
                 ));
             }
-            runs[i].push(run);
         }
-    }
-    for (call, envoy) in running {
-        let log = envoy.log();
-        envoy.stop().await;
-        if let Some(line) = meshcanary_e2e::wasm_failure(&log) {
-            return Err(format!("probe {call}: the module failed in Envoy: {line}"));
-        }
+        measured.push(Measured {
+            setup,
+            runs,
+            rss_kib: None,
+            counters: Vec::new(),
+        });
     }
 
     // Per round: (CPU per request with the call − without) / REPEAT, and the same for
     // wall time per request (1 / requests per second).
-    let baseline = &runs[0];
+    let baseline = &measured[0].runs;
     let per_call = |runs: &[wrk::Run], metric: &dyn Fn(&wrk::Run) -> Option<f64>| {
         let values: Vec<f64> = runs
             .iter()
@@ -125,9 +122,9 @@ pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), St
         "| host call | µs per call, by Envoy CPU | µs per call, by requests/s | Envoy CPU µs/request |\n|---|---|---|---|\n",
     );
     let mut record = Vec::new();
-    for ((call, what), runs) in CALLS.iter().zip(&runs) {
-        let (by_cpu, by_wall) = (per_call(runs, &cpu), per_call(runs, &wall));
-        let cpu_per_request = Spread::of(&runs.iter().filter_map(cpu).collect::<Vec<_>>());
+    for ((call, what), m) in CALLS.iter().zip(&measured) {
+        let (by_cpu, by_wall) = (per_call(&m.runs, &cpu), per_call(&m.runs, &wall));
+        let cpu_per_request = m.cpu_us();
         let cell = |s: &Spread| {
             if *call == "none" {
                 "—".to_string()
@@ -146,7 +143,7 @@ pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), St
             "us_per_call_by_cpu": by_cpu.json(),
             "us_per_call_by_rps": by_wall.json(),
             "envoy_cpu_us_per_request": cpu_per_request.json(),
-            "rps": Spread::of(&runs.iter().map(wrk::Run::rps).collect::<Vec<_>>()).json(),
+            "rps": m.rps().json(),
         }));
     }
     println!("\nEach call made {REPEAT} times per request by filter/bench-probe; median (min–max) over the rounds.\n");

@@ -90,39 +90,26 @@ pub struct Measured {
 }
 
 impl Measured {
+    /// The spread of one value over the rounds (rounds without it left out).
+    fn over_rounds(&self, value: impl Fn(&Run) -> Option<f64>) -> Spread {
+        Spread::of(&self.runs.iter().filter_map(value).collect::<Vec<_>>())
+    }
+
     pub fn rps(&self) -> Spread {
-        Spread::of(&self.runs.iter().map(Run::rps).collect::<Vec<_>>())
+        self.over_rounds(|r| Some(r.rps()))
     }
 
     pub fn p50_ms(&self) -> Spread {
-        Spread::of(
-            &self
-                .runs
-                .iter()
-                .map(|r| r.p50_us as f64 / 1e3)
-                .collect::<Vec<_>>(),
-        )
+        self.over_rounds(|r| Some(r.p50_us as f64 / 1e3))
     }
 
     pub fn p99_ms(&self) -> Spread {
-        Spread::of(
-            &self
-                .runs
-                .iter()
-                .map(|r| r.p99_us as f64 / 1e3)
-                .collect::<Vec<_>>(),
-        )
+        self.over_rounds(|r| Some(r.p99_us as f64 / 1e3))
     }
 
     /// Envoy's CPU time per request, µs.
     pub fn cpu_us(&self) -> Spread {
-        Spread::of(
-            &self
-                .runs
-                .iter()
-                .filter_map(Run::cpu_us_per_request)
-                .collect::<Vec<_>>(),
-        )
+        self.over_rounds(Run::cpu_us_per_request)
     }
 
     /// Requests that failed (socket errors, timeouts, non-2xx/3xx answers), all rounds.
