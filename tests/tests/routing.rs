@@ -3,6 +3,7 @@
 //! natively, so these tests also prove that the module inside Envoy decides exactly as
 //! the native core (and hence the controller) does.
 
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use meshcanary_e2e::{
@@ -23,6 +24,50 @@ async fn start(policy: &Value) -> (Envoy, Upstream, Upstream) {
     );
     let envoy = Envoy::start(&config).await.expect("envoy starts");
     (envoy, stable, canary)
+}
+
+/// Envoy reading its policy from an ECDS file, in front of a `stable` and a `canary`
+/// upstream.
+struct EcdsRig {
+    envoy: Envoy,
+    stable: Upstream,
+    canary: Upstream,
+    /// The file Envoy watches.
+    ecds: PathBuf,
+    /// Holds the file's directory for as long as the test runs.
+    _dir: tempfile::TempDir,
+}
+
+/// Starts Envoy with `policy` as ECDS version "1", and waits until it is applied.
+async fn start_ecds(policy: &Value) -> EcdsRig {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ecds = dir.path().join("meshcanary.ecds.json");
+    let config =
+        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
+    write_ecds(&ecds, "1", &policy.to_string());
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    envoy
+        .wait_ecds_version("1", Duration::from_secs(10))
+        .await
+        .expect("v1 applied");
+    EcdsRig {
+        envoy,
+        stable,
+        canary,
+        ecds,
+        _dir: dir,
+    }
+}
+
+/// Writes `policy` to the ECDS file as `version` and waits until Envoy applied it.
+async fn apply_ecds(envoy: &Envoy, ecds: &Path, version: &str, policy: &Value) {
+    write_ecds(ecds, version, &policy.to_string());
+    envoy
+        .wait_ecds_version(version, Duration::from_secs(10))
+        .await
+        .unwrap_or_else(|e| panic!("version {version} applied: {e}"));
 }
 
 fn split_policy(canary_weight: u64) -> Value {
@@ -198,26 +243,17 @@ async fn split_is_sticky_and_on_target_over_ten_thousand_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecds_ramp_from_10_to_30_keeps_every_canary_user() {
-    let stable = Upstream::start("stable").await;
-    let canary = Upstream::start("canary").await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ecds = dir.path().join("meshcanary.ecds.json");
-    write_ecds(&ecds, "1", &split_policy(10).to_string());
-    let config =
-        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    envoy
-        .wait_ecds_version("1", Duration::from_secs(10))
-        .await
-        .expect("v1 applied");
+    let EcdsRig {
+        envoy,
+        stable: _stable,
+        canary: _canary,
+        ecds,
+        _dir,
+    } = start_ecds(&split_policy(10)).await;
     let ids = user_ids(10_000);
 
     let before = route_keys(&envoy, "x-user-id", &ids, 2).await;
-    write_ecds(&ecds, "2", &split_policy(30).to_string());
-    envoy
-        .wait_ecds_version("2", Duration::from_secs(10))
-        .await
-        .expect("v2 applied");
+    apply_ecds(&envoy, &ecds, "2", &split_policy(30)).await;
     let after = route_keys(&envoy, "x-user-id", &ids, 2).await;
 
     let share_before = share(&before, "canary");
@@ -337,18 +373,13 @@ async fn invalid_policy_at_startup_is_refused_with_every_error_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_policy_through_ecds_is_refused_and_the_previous_one_keeps_serving() {
-    let stable = Upstream::start("stable").await;
-    let canary = Upstream::start("canary").await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ecds = dir.path().join("meshcanary.ecds.json");
-    write_ecds(&ecds, "1", &split_policy(10).to_string());
-    let config =
-        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    envoy
-        .wait_ecds_version("1", Duration::from_secs(10))
-        .await
-        .expect("v1 applied");
+    let EcdsRig {
+        envoy,
+        stable: _stable,
+        canary: _canary,
+        ecds,
+        _dir,
+    } = start_ecds(&split_policy(10)).await;
     let fail_stat = "extension_config_discovery.http_filter.meshcanary.config_fail";
     let fails_before = envoy.counter(fail_stat).await;
 
@@ -488,26 +519,17 @@ async fn per_variant_counters_equal_what_the_upstreams_saw() {
 /// reach Envoy's counters, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
-    let stable = Upstream::start("stable").await;
-    let canary = Upstream::start("canary").await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let ecds = dir.path().join("meshcanary.ecds.json");
-    write_ecds(&ecds, "1", &split_policy(10).to_string());
-    let config =
-        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
-    let envoy = Envoy::start(&config).await.expect("envoy starts");
-    envoy
-        .wait_ecds_version("1", Duration::from_secs(10))
-        .await
-        .expect("v1 applied");
+    let EcdsRig {
+        envoy,
+        stable,
+        canary,
+        ecds,
+        _dir,
+    } = start_ecds(&split_policy(10)).await;
 
     let first = route_keys(&envoy, "x-user-id", &user_ids(300), 2).await;
     // At once, well inside one flush period after the last answer.
-    write_ecds(&ecds, "2", &split_policy(30).to_string());
-    envoy
-        .wait_ecds_version("2", Duration::from_secs(10))
-        .await
-        .expect("v2 applied");
+    apply_ecds(&envoy, &ecds, "2", &split_policy(30)).await;
     let second = route_keys(&envoy, "x-user-id", &user_ids(200), 2).await;
 
     let stats = envoy.stats().await;
