@@ -108,9 +108,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
     let direct_routes = direct_routes();
 
     // Row 2: the empty module in the filter's place, same route table as rows 1 and 3.
-    let mut empty = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
-    set_routes(&mut empty, direct_routes.clone());
-    http_filters(&mut empty)[0]["typed_config"] = wasm_filter("{}", empty_wasm);
+    let empty = direct_with_module(addrs, empty_wasm, "{}");
 
     // Row 2b: the floor the targets are set against — a filter that only writes one
     // request header (the probe, writing the decision header once).
@@ -289,12 +287,6 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
 /// `--compare`: row 2 (the empty filter), then row 3 — the bench policy on the same
 /// routes — once per module, so two builds of the filter are measured side by side.
 pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec<Setup> {
-    let with_module = |wasm: &Path, config: &str| {
-        let mut bootstrap = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
-        set_routes(&mut bootstrap, direct_routes());
-        http_filters(&mut bootstrap)[0]["typed_config"] = wasm_filter(config, wasm);
-        bootstrap
-    };
     let throughput = |id: String, row: String, title: String, bootstrap: Value| Setup {
         baseline: id.clone(),
         id,
@@ -307,7 +299,7 @@ pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec
         "empty_wasm".into(),
         "2".into(),
         "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
-        with_module(empty_wasm, "{}"),
+        direct_with_module(addrs, empty_wasm, "{}"),
     )];
     let policy = policy(false).to_string();
     for (i, wasm) in modules.iter().enumerate() {
@@ -315,7 +307,7 @@ pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec
             format!("module_{}", i + 1),
             format!("3.{}", i + 1),
             format!("as row 3, module {}", wasm.display()),
-            with_module(wasm, &policy),
+            direct_with_module(addrs, wasm, &policy),
         ));
     }
     all
@@ -337,11 +329,18 @@ fn direct_routes() -> Value {
 /// Row 2's configuration with `filter/bench-probe` in the empty filter's place, given its
 /// plugin configuration (`"<call> <count>"`, plain text): `--host-calls`.
 pub fn probe(addrs: &Addresses, probe_wasm: &Path, configuration: &str) -> Value {
+    let mut bootstrap = direct_with_module(addrs, probe_wasm, "{}");
+    http_filters(&mut bootstrap)[0]["typed_config"]["config"]["configuration"]["value"] =
+        json!(configuration);
+    bootstrap
+}
+
+/// Rows 1–3's routes (Envoy answers itself) with `wasm` as the filter, configured with
+/// `policy` (JSON).
+fn direct_with_module(addrs: &Addresses, wasm: &Path, policy: &str) -> Value {
     let mut bootstrap = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
     set_routes(&mut bootstrap, direct_routes());
-    let mut filter = wasm_filter("{}", probe_wasm);
-    filter["config"]["configuration"]["value"] = json!(configuration);
-    http_filters(&mut bootstrap)[0]["typed_config"] = filter;
+    http_filters(&mut bootstrap)[0]["typed_config"] = wasm_filter(policy, wasm);
     bootstrap
 }
 
