@@ -14,10 +14,9 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::fmt::Write as _;
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
@@ -27,6 +26,9 @@ use hyper_util::rt::TokioIo;
 use meshcanary_controller::source::istio::IstioPrometheus;
 use meshcanary_controller::source::{MetricSource, Query, Snapshot, SourceError, VariantCounts};
 use meshcanary_e2e::prometheus::{prometheus_available, PrometheusServer};
+
+mod common;
+use common::{assert_read, bounded, dead_url, settle};
 
 /// The service under rollout.
 const SERVICE: &str = "checkout.shop.svc.cluster.local";
@@ -50,15 +52,6 @@ const ISTIO_BUCKETS_MS: [f64; 19] = [
     0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
     60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
 ];
-/// Every Prometheus test ends within this, Prometheus's start included.
-const TEST_LIMIT: Duration = Duration::from_secs(30);
-
-/// Runs a test body with a hard time limit.
-async fn bounded(body: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_LIMIT, body)
-        .await
-        .expect("the test finished within its time limit");
-}
 
 fn query(variants: &[&str], threshold_ms: u64) -> Query {
     Query {
@@ -392,40 +385,6 @@ fn literal(stable: [u64; 4], canary: [u64; 4]) -> Snapshot {
             (DARK.to_string(), VariantCounts::default()),
         ]),
     }
-}
-
-/// Reads until the source reports `expected` or `timeout` passes; returns the last read.
-async fn settle(
-    source: &impl MetricSource,
-    query: &Query,
-    expected: &Snapshot,
-    timeout: Duration,
-) -> Result<Snapshot, SourceError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let read = source.read(query).await;
-        if matches!(&read, Ok(s) if s == expected) || Instant::now() > deadline {
-            return read;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn assert_read(read: Result<Snapshot, SourceError>, expected: &Snapshot, what: &str) {
-    match read {
-        Ok(snapshot) => assert_eq!(&snapshot, expected, "{what}"),
-        Err(e) => panic!("{what}: {e}"),
-    }
-}
-
-/// A loopback URL on which nothing listens.
-async fn dead_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind an ephemeral port");
-    let addr = listener.local_addr().expect("local address");
-    drop(listener);
-    format!("http://{addr}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -7,8 +7,7 @@
 //! `MESHCANARY_PROMETHEUS` (default: Debian's `/usr/bin/prometheus`).
 
 use std::collections::BTreeMap;
-use std::future::Future;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use meshcanary_controller::source::envoy_admin::EnvoyAdmin;
 use meshcanary_controller::source::prometheus::Prometheus;
@@ -18,6 +17,9 @@ use meshcanary_e2e::{
     assert_no_wasm_failure, Behaviour, Envoy, EnvoyConfig, FilterSource, Upstream,
 };
 use serde_json::json;
+
+mod common;
+use common::{assert_read, bounded, dead_url, settle};
 
 /// Names with `-` and `_`, which Envoy's Prometheus output folds into `_`.
 const POLICY: &str = "shop-front_v2";
@@ -30,15 +32,6 @@ const GHOST: &str = "ghost";
 const THRESHOLD_MS: u64 = 500;
 /// Well above the threshold and well below the next boundary (1000 ms).
 const SLOW_DELAY: Duration = Duration::from_millis(600);
-/// Every test ends within this, processes included.
-const TEST_LIMIT: Duration = Duration::from_secs(30);
-
-/// Runs a test body with a hard time limit.
-async fn bounded(body: impl Future<Output = ()>) {
-    tokio::time::timeout(TEST_LIMIT, body)
-        .await
-        .expect("the test finished within its time limit");
-}
 
 /// One Envoy with the filter in front of a `stable` and a `canary` upstream.
 struct Rig {
@@ -171,41 +164,6 @@ fn snapshot(stable: VariantCounts, canary: VariantCounts) -> Snapshot {
             (GHOST.to_string(), VariantCounts::default()),
         ]),
     }
-}
-
-/// Reads until the source reports `expected` (histograms lag counters by up to one stats
-/// flush, Prometheus by a scrape more) or `timeout` passes; returns the last read.
-async fn settle(
-    source: &impl MetricSource,
-    query: &Query,
-    expected: &Snapshot,
-    timeout: Duration,
-) -> Result<Snapshot, SourceError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let read = source.read(query).await;
-        if matches!(&read, Ok(s) if s == expected) || Instant::now() > deadline {
-            return read;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-fn assert_read(read: Result<Snapshot, SourceError>, expected: &Snapshot, what: &str) {
-    match read {
-        Ok(snapshot) => assert_eq!(&snapshot, expected, "{what}"),
-        Err(e) => panic!("{what}: {e}"),
-    }
-}
-
-/// A loopback URL on which nothing listens.
-async fn dead_url() -> String {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind an ephemeral port");
-    let addr = listener.local_addr().expect("local address");
-    drop(listener);
-    format!("http://{addr}")
 }
 
 const CANARY_MIX: Mix = Mix {
