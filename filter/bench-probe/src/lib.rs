@@ -4,14 +4,18 @@
 //! (a header read, the whole header map, `:status`, a header write, a counter, a
 //! histogram value, the clock) with the noise of a shared machine divided by the count.
 //!
-//! Its plugin configuration is `<call> <count>`, for example `request_header_present 20`;
-//! see [`Call::parse`]. An unknown call or a count outside 1–1000 refuses the
-//! configuration, so Envoy does not start with it. Built with the filter's toolchain and
+//! Its plugin configuration is `<call> <count>`, for example `request_header_present 20`,
+//! or several of those separated by commas: `make bench`'s row 2c makes every host call
+//! the real filter makes on a request, and nothing else (see [`parse_calls`]). An unknown
+//! call or a count outside 1–1000 refuses the configuration, so Envoy does not start
+//! with it. Built with the filter's toolchain and
 //! release profile (`scripts/build-wasm.sh bench-probe`).
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
+
+use std::rc::Rc;
 
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -67,7 +71,7 @@ impl Call {
     ];
 
     /// `"<call> <count>"` → the call and how often to make it per request.
-    pub fn parse(config: &str) -> Result<(Call, u32), String> {
+    fn parse(config: &str) -> Result<(Call, u32), String> {
         let mut words = config.split_whitespace();
         let (name, count) = match (words.next(), words.next(), words.next()) {
             (Some(name), Some(count), None) => (name, count),
@@ -85,15 +89,21 @@ impl Call {
     }
 }
 
-#[derive(Default)]
-struct ProbeRoot {
-    probe: Option<Probe>,
+/// `"<call> <count>[, <call> <count> …]"` → each call and how often to make it per
+/// request, in order.
+pub fn parse_calls(config: &str) -> Result<Vec<(Call, u32)>, String> {
+    config.split(',').map(Call::parse).collect()
 }
 
-#[derive(Clone, Copy)]
+#[derive(Default)]
+struct ProbeRoot {
+    probe: Option<Rc<Probe>>,
+}
+
 struct Probe {
-    call: Call,
-    count: u32,
+    /// Each call and its count; `:status` is read on response headers (the only phase
+    /// it exists in), every other call on request headers.
+    calls: Vec<(Call, u32)>,
     counter: u32,
     histogram: u32,
 }
@@ -108,16 +118,15 @@ impl RootContext for ProbeRoot {
             .unwrap_or_default();
         let parsed = String::from_utf8(config)
             .map_err(|_| "the configuration is not UTF-8".to_string())
-            .and_then(|text| Call::parse(&text));
+            .and_then(|text| parse_calls(&text));
         match parsed {
-            Ok((call, count)) => {
+            Ok(calls) => {
                 let define = |kind, name| hostcalls::define_metric(kind, name).unwrap_or(0);
-                self.probe = Some(Probe {
-                    call,
-                    count,
+                self.probe = Some(Rc::new(Probe {
+                    calls,
                     counter: define(MetricType::Counter, "meshcanary_probe.counter"),
                     histogram: define(MetricType::Histogram, "meshcanary_probe.histogram"),
-                });
+                }));
                 true
             }
             Err(e) => {
@@ -128,7 +137,9 @@ impl RootContext for ProbeRoot {
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
-        Some(Box::new(ProbeStream { probe: self.probe }))
+        Some(Box::new(ProbeStream {
+            probe: self.probe.clone(),
+        }))
     }
 
     fn get_type(&self) -> Option<ContextType> {
@@ -137,40 +148,43 @@ impl RootContext for ProbeRoot {
 }
 
 struct ProbeStream {
-    probe: Option<Probe>,
+    probe: Option<Rc<Probe>>,
 }
 
 impl Context for ProbeStream {}
 
 impl HttpContext for ProbeStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(probe) = self.probe {
-            if probe.call != Call::ResponseStatus {
-                for _ in 0..probe.count {
-                    probe.make_call();
-                }
-            }
+        if let Some(probe) = &self.probe {
+            probe.make_calls(|call| call != Call::ResponseStatus);
         }
         Action::Continue
     }
 
     fn on_http_response_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-        if let Some(probe) = self.probe {
-            if probe.call == Call::ResponseStatus {
-                for _ in 0..probe.count {
-                    probe.make_call();
-                }
-            }
+        if let Some(probe) = &self.probe {
+            probe.make_calls(|call| call == Call::ResponseStatus);
         }
         Action::Continue
     }
 }
 
 impl Probe {
+    /// Makes each configured call that belongs to this phase, `count` times.
+    fn make_calls(&self, in_phase: impl Fn(Call) -> bool) {
+        for &(call, count) in &self.calls {
+            if in_phase(call) {
+                for _ in 0..count {
+                    self.make_call(call);
+                }
+            }
+        }
+    }
+
     /// One call; results are dropped (a host call cannot be optimized away).
-    fn make_call(&self) {
+    fn make_call(&self, call: Call) {
         let request = MapType::HttpRequestHeaders;
-        match self.call {
+        match call {
             Call::None => {}
             Call::RequestHeaderPresent => {
                 let _ = hostcalls::get_map_value_bytes(request, PRESENT_HEADER);
@@ -239,5 +253,22 @@ mod tests {
             .unwrap_err()
             .contains("unknown call"));
         assert!(Call::parse("clock 2 3").unwrap_err().contains("expected"));
+    }
+
+    #[test]
+    fn a_list_of_calls_is_parsed_in_order_and_any_bad_item_refuses_it() {
+        assert_eq!(
+            parse_calls("request_headers_whole_map 1, response_status 1,clock 2"),
+            Ok(vec![
+                (Call::RequestHeadersWholeMap, 1),
+                (Call::ResponseStatus, 1),
+                (Call::Clock, 2)
+            ])
+        );
+        assert_eq!(parse_calls("clock 20"), Ok(vec![(Call::Clock, 20)]));
+        assert!(parse_calls("clock 2, teleport 1")
+            .unwrap_err()
+            .contains("unknown call"));
+        assert!(parse_calls("clock 2,").unwrap_err().contains("expected"));
     }
 }

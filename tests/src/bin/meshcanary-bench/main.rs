@@ -49,7 +49,7 @@ struct Args {
     /// Rounds (each runs every configuration once), 1–20. Default 5 (smoke: 1).
     #[arg(long)]
     rounds: Option<u32>,
-    /// Seconds per wrk run, 1–30. Default 4, with --host-calls 2 (smoke: 1).
+    /// Seconds per wrk run, 1–30. Default 3, with --host-calls 2 (smoke: 1).
     #[arg(long)]
     duration_s: Option<u64>,
     /// Seconds of discarded warm-up per configuration before the rounds, 0–10.
@@ -106,7 +106,7 @@ struct Plan {
 impl Plan {
     fn from_args(args: Args) -> Result<Plan, String> {
         let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 5 });
-        let full_duration_s = if args.host_calls { 2 } else { 4 };
+        let full_duration_s = if args.host_calls { 2 } else { 3 };
         let duration_s = args
             .duration_s
             .unwrap_or(if args.smoke { 1 } else { full_duration_s });
@@ -411,10 +411,14 @@ async fn run(plan: &Plan) -> Result<(), String> {
         Ok(find(a)?.ratio(find(b)?, |r| r.p99_us as f64).median)
     };
     let one_header = find("one_header_wasm")?;
+    let host_call_floor = find("host_call_floor_wasm")?;
     let context = json!({
         "cpu_ratio_empty_to_meshcanary": cpu(empty) / cpu(routed),
         "rps_one_header_to_empty": one_header.ratio(empty, wrk::Run::rps).median,
         "rps_meshcanary_to_one_header": routed.ratio(one_header, wrk::Run::rps).median,
+        "rps_host_call_floor_to_empty": host_call_floor.ratio(empty, wrk::Run::rps).median,
+        "rps_meshcanary_to_host_call_floor": routed.ratio(host_call_floor, wrk::Run::rps).median,
+        "cpu_us_meshcanary_over_host_call_floor": cpu(routed) - cpu(host_call_floor),
         "p99_slow_shadow_to_fast_shadow": p99_ratio("upstream_meshcanary_slow_shadow", "upstream_meshcanary_fast_shadow")?,
         "p99_native_mirror_to_native": p99_ratio("upstream_native_slow_mirror", "upstream_native_weighted")?,
     });
@@ -438,6 +442,13 @@ async fn run(plan: &Plan) -> Result<(), String> {
             "  context: the one-header floor, requests/s row 2b / row 2 = {:.3}; row 3 / row 2b = {:.3}",
             context["rps_one_header_to_empty"].as_f64().unwrap_or(f64::NAN),
             context["rps_meshcanary_to_one_header"].as_f64().unwrap_or(f64::NAN),
+        );
+        println!(
+            "  context: the host-call floor, requests/s row 2c / row 2 = {:.3}; row 3 / row 2c = {:.3} \
+             ({:.2} µs of Envoy CPU per request in the module's own work)",
+            context["rps_host_call_floor_to_empty"].as_f64().unwrap_or(f64::NAN),
+            context["rps_meshcanary_to_host_call_floor"].as_f64().unwrap_or(f64::NAN),
+            context["cpu_us_meshcanary_over_host_call_floor"].as_f64().unwrap_or(f64::NAN),
         );
     }
 

@@ -36,6 +36,12 @@ pub const SHADOW_CLUSTER: &str = "shadow";
 /// the slow shadow (≈ 3,000 requests/s × 0.1 s), so nothing is skipped to protect memory.
 const MAX_IN_FLIGHT: u32 = 2_000;
 
+/// The host calls meshcanary makes on a request of row 3, as `bench-probe` configuration:
+/// the request header map (one read, from two policy inputs on), the decision header,
+/// the clock at request and at response, `:status`, and the latency histogram.
+const MESHCANARY_HOST_CALLS: &str =
+    "request_headers_whole_map 1, set_request_header 1, clock 2, response_status 1, histogram_record 1";
+
 /// A realistic routing policy: three header/cookie rules, then a sticky 10 % split on a
 /// header key. `requests.lua` sends a mix that reaches every rule.
 pub fn policy(mirror: bool) -> Value {
@@ -113,6 +119,12 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
     // Row 2b: the floor the targets are set against — a filter that only writes one
     // request header (the probe, writing the decision header once).
     let one_header = probe(addrs, probe_wasm, "set_request_header 1");
+
+    // Row 2c: the host calls row 3 makes on every request and nothing else — the floor
+    // for any filter doing meshcanary's job this way (row 3 minus it is the module's own
+    // work). Counters are not in it: the filter counts them in the module and flushes
+    // them every 100 ms.
+    let host_call_floor = probe(addrs, probe_wasm, MESHCANARY_HOST_CALLS);
 
     let mut native = base(addrs, FilterSource::None, addrs.fast_shadow);
     set_routes(&mut native, direct_routes.clone());
@@ -214,6 +226,15 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
             family: Family::Throughput,
             bootstrap: one_header,
             baseline: "one_header_wasm".into(),
+        },
+        Setup {
+            id: "host_call_floor_wasm".into(),
+            row: "2c".into(),
+            title: "Envoy + a wasm filter that only makes row 3's host calls (bench_probe.wasm)"
+                .into(),
+            family: Family::Throughput,
+            bootstrap: host_call_floor,
+            baseline: "host_call_floor_wasm".into(),
         },
         Setup {
             id: "meshcanary".into(),
