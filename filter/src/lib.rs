@@ -56,12 +56,25 @@ const WHOLE_MAP_FROM_INPUTS: usize = 2;
 
 impl Configured {
     /// A uniformly distributed 64-bit value; not cryptographic, which a traffic split
-    /// does not need. Each VM starts from the clock, so workers draw differently.
+    /// does not need. Each VM starts from its own random seed, so workers draw differently.
     fn next_random(&self) -> u64 {
         let state = self.random_state.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
         self.random_state.set(state);
         meshcanary_policy::bucket::fmix64(state)
     }
+}
+
+/// A value no other VM draws: the host's randomness (WASI `random_get`, where std's
+/// hash-map keys come from) mixed with the clock. Workers run identical module instances,
+/// so an address tells them nothing, and two workers configuring in the same clock tick
+/// would share a clock reading. The shadow queue's name must differ per worker: Envoy
+/// wakes only the last root that registered a name, so a worker sharing it would never
+/// send its copies.
+fn vm_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
+    hasher.write_u64(host::now_ns().unwrap_or(0));
+    hasher.finish()
 }
 
 /// The root context: parses and compiles the policy on every (re)configuration, and
@@ -122,7 +135,7 @@ impl RootContext for PolicyRoot {
                     policy.mirror.as_ref().map_or("off", |m| m.cluster.as_str()),
                 );
                 let metrics = Metrics::define(&policy);
-                let seed = host::now_ns().unwrap_or(0) ^ (self as *const Self as u64);
+                let seed = vm_seed();
                 let random_state = Cell::new(seed);
                 let shadow = policy.mirror.take().map(|mirror| {
                     let unique = meshcanary_policy::bucket::fmix64(seed ^ 0x5eed);
