@@ -57,6 +57,44 @@ fn stat(name: &str) -> String {
     format!("wasmcustom.meshcanary.shop.shadow.{name}")
 }
 
+impl Setup {
+    /// Waits (bounded) until shadow counter `name` is `expected`; if it never gets there,
+    /// fails naming every shadow counter and what the shadow upstream received, so a
+    /// failure says which path the missing copies took (skipped, failed, timed out, or
+    /// never sent).
+    async fn expect_shadow(&self, name: &str, expected: u64) {
+        let value = self
+            .envoy
+            .wait_counter(&stat(name), WAIT, |v| v == expected)
+            .await;
+        if value != expected {
+            panic!(
+                "shadow.{name} is {value}, expected {expected}; {}",
+                self.shadow_report().await
+            );
+        }
+    }
+
+    /// Every non-zero shadow counter and the shadow upstream's request count.
+    async fn shadow_report(&self) -> String {
+        let prefix = stat("");
+        let mut counters: Vec<String> = self
+            .envoy
+            .stats()
+            .await
+            .into_iter()
+            .filter(|(name, value)| name.starts_with(&prefix) && *value > 0)
+            .map(|(name, value)| format!("{} {value}", &name[prefix.len()..]))
+            .collect();
+        counters.sort();
+        format!(
+            "shadow counters: {}; the shadow upstream received {} request(s)",
+            counters.join(", "),
+            self.shadow.count()
+        )
+    }
+}
+
 async fn send(
     envoy: &Envoy,
     method: &str,
@@ -150,10 +188,7 @@ async fn a_get_is_copied_faithfully_without_credentials_and_marked() {
         None,
         "the primary is not marked"
     );
-    assert_eq!(
-        s.envoy.wait_counter(&stat("sent"), WAIT, |v| v == 1).await,
-        1
-    );
+    s.expect_shadow("sent", 1).await;
     assert_no_wasm_failure(&s.envoy.log());
 }
 
@@ -171,12 +206,7 @@ async fn writes_are_not_copied_unless_listed() {
         .await;
         assert_eq!((status, upstream.as_str()), (200, "stable"));
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("skipped.method"), WAIT, |v| v == 4)
-            .await,
-        4
-    );
+    s.expect_shadow("skipped.method", 4).await;
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.shadow.count(), 0, "no write reached the shadow");
     drop(s);
@@ -244,13 +274,10 @@ async fn a_slow_shadow_never_delays_the_primary() {
         "sent {sent} + limited {limited}"
     );
     // Every copy outlived its (long finished) primary stream and got the shadow's answer.
-    let answered = s
-        .envoy
-        .wait_counter(&stat("responses.2xx"), WAIT, |v| v == sent)
-        .await;
-    assert_eq!(answered, sent, "copies cancelled with their primaries");
+    // (Copies cancelled with their primaries would never be answered.)
+    s.expect_shadow("responses.2xx", sent).await;
     assert_eq!(s.envoy.counter(&stat("timed_out")).await, 0);
-    println!("copies sent {sent}, answered {answered}, skipped at the in-flight limit {limited}");
+    println!("copies sent {sent}, all answered, skipped at the in-flight limit {limited}");
     assert_no_wasm_failure(&s.envoy.log());
 }
 
@@ -269,18 +296,8 @@ async fn shadow_failures_never_touch_the_primary_and_are_counted() {
     for _ in 0..20 {
         assert_eq!(send(&s.envoy, "GET", "/", &[], Vec::new()).await.0, 200);
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("responses.5xx"), WAIT, |v| v == 20)
-            .await,
-        20
-    );
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("status_mismatch"), WAIT, |v| v == 20)
-            .await,
-        20
-    );
+    s.expect_shadow("responses.5xx", 20).await;
+    s.expect_shadow("status_mismatch", 20).await;
     drop(s);
 
     // The shadow resets every connection.
@@ -320,12 +337,7 @@ async fn shadow_failures_never_touch_the_primary_and_are_counted() {
     for _ in 0..20 {
         assert_eq!(send(&s.envoy, "GET", "/", &[], Vec::new()).await.0, 200);
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("failed"), WAIT, |v| v == 20)
-            .await,
-        20
-    );
+    s.expect_shadow("failed", 20).await;
     assert_eq!(s.envoy.counter(&stat("sent")).await, 0);
     assert_eq!(s.stable.count(), 20);
     assert_no_wasm_failure(&s.envoy.log());
@@ -345,12 +357,7 @@ async fn large_bodies_are_skipped_and_binary_bodies_arrive_exact() {
     assert_eq!((status, upstream.as_str()), (200, "stable"));
     let (status, _, _) = send(&s.envoy, "POST", "/upload", &[], large.clone()).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("skipped.body_too_large"), WAIT, |v| v == 1)
-            .await,
-        1
-    );
+    s.expect_shadow("skipped.body_too_large", 1).await;
     assert_eq!(s.shadow.wait_for(1, WAIT).await, 1);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(s.shadow.count(), 1, "the large body was not copied");
@@ -375,13 +382,10 @@ async fn percent_50_copies_half_of_the_eligible_requests() {
         send(&s.envoy, "GET", &format!("/p/{i}"), &[], Vec::new()).await;
     }
     let sampled_out = s.envoy.counter(&stat("skipped.sampled_out")).await;
-    let sent = s
-        .envoy
-        .wait_counter(&stat("sent"), WAIT, |v| v + sampled_out == 2000)
-        .await;
+    s.expect_shadow("sent", 2000 - sampled_out).await;
+    let sent = 2000 - sampled_out;
     let share = sent as f64 / 2000.0;
     println!("percent 50: {sent} of 2000 copied ({:.1} %)", share * 100.0);
-    assert_eq!(sent + sampled_out, 2000);
     assert!((share - 0.5).abs() <= 0.05, "share {share}");
     assert_no_wasm_failure(&s.envoy.log());
 }
@@ -420,12 +424,7 @@ async fn compare_counts_status_and_body_differences() {
     for _ in 0..10 {
         send(&s.envoy, "GET", "/", &[], Vec::new()).await;
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("body_mismatch"), WAIT, |v| v == 10)
-            .await,
-        10
-    );
+    s.expect_shadow("body_mismatch", 10).await;
     assert_eq!(s.envoy.counter(&stat("status_match")).await, 10);
     // Now an identical body.
     s.shadow.set_behaviour(Behaviour {
@@ -435,12 +434,7 @@ async fn compare_counts_status_and_body_differences() {
     for _ in 0..10 {
         send(&s.envoy, "GET", "/", &[], Vec::new()).await;
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("body_match"), WAIT, |v| v == 10)
-            .await,
-        10
-    );
+    s.expect_shadow("body_match", 10).await;
     assert_eq!(s.envoy.counter(&stat("status_match")).await, 20);
     // A different status class.
     s.shadow.set_behaviour(Behaviour {
@@ -450,12 +444,7 @@ async fn compare_counts_status_and_body_differences() {
     for _ in 0..10 {
         send(&s.envoy, "GET", "/", &[], Vec::new()).await;
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("status_mismatch"), WAIT, |v| v == 10)
-            .await,
-        10
-    );
+    s.expect_shadow("status_mismatch", 10).await;
     assert_eq!(
         s.envoy.counter(&stat("body_mismatch")).await,
         10,
@@ -468,12 +457,7 @@ async fn compare_counts_status_and_body_differences() {
     for _ in 0..10 {
         send(&s.envoy, "GET", "/", &[], Vec::new()).await;
     }
-    assert_eq!(
-        s.envoy
-            .wait_counter(&stat("status_match"), WAIT, |v| v == 10)
-            .await,
-        10
-    );
+    s.expect_shadow("status_match", 10).await;
     assert_eq!(s.envoy.counter(&stat("body_mismatch")).await, 0);
     assert_no_wasm_failure(&s.envoy.log());
 }
@@ -530,5 +514,46 @@ async fn routing_decides_first_and_a_canary_request_is_still_copied() {
     );
     assert_eq!(s.canary.count(), 1);
     assert_eq!(s.stable.count(), 0);
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_worker_sends_its_own_copies() {
+    // Each worker's root sends the copies its streams make, woken through a queue of its
+    // own: were two workers to share one, only one would ever be woken.
+    let s = start(json!({}), Behaviour::default(), 2).await;
+    let requests = 60;
+    for i in 0..requests {
+        // A connection per request, so the kernel spreads them over both workers.
+        let (status, _, _) = send(
+            &s.envoy,
+            "GET",
+            &format!("/w/{i}"),
+            &[("connection", "close")],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let stats = s.envoy.stats().await;
+    let mut per_worker: Vec<(String, u64)> = stats
+        .into_iter()
+        .filter(|(name, _)| name.contains(".worker_") && name.ends_with(".downstream_cx_total"))
+        .collect();
+    per_worker.sort();
+    assert_eq!(
+        per_worker.len(),
+        2,
+        "per-worker listener stats: {per_worker:?}"
+    );
+    assert!(
+        per_worker.iter().all(|(_, connections)| *connections > 0),
+        "both workers took connections: {per_worker:?}"
+    );
+    s.expect_shadow("sent", requests).await;
+    assert_eq!(
+        s.shadow.wait_for(requests as usize, WAIT).await,
+        requests as usize
+    );
     assert_no_wasm_failure(&s.envoy.log());
 }
