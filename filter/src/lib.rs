@@ -66,10 +66,11 @@ impl Configured {
 
 /// A value no other VM draws: the host's randomness (WASI `random_get`, where std's
 /// hash-map keys come from) mixed with the clock. Workers run identical module instances,
-/// so an address tells them nothing, and two workers configuring in the same clock tick
-/// would share a clock reading. The shadow queue's name must differ per worker: Envoy
-/// wakes only the last root that registered a name, so a worker sharing it would never
-/// send its copies.
+/// so an address tells them nothing, and the clock is not enough either: seeded from
+/// clock and address, 2 of 25 two-worker Envoy starts gave both workers the same seed.
+/// The shadow queue's name must differ per worker: Envoy wakes only the last root that
+/// registered a name, so a worker sharing it never sends its copies
+/// (`every_worker_sends_its_own_copies` in tests/tests/shadow.rs).
 fn vm_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut hasher = std::collections::hash_map::RandomState::new().build_hasher();
