@@ -67,7 +67,7 @@ impl Configured {
 /// A value no other VM draws: the host's randomness (WASI `random_get`, where std's
 /// hash-map keys come from) mixed with the clock. Workers run identical module instances,
 /// so an address tells them nothing, and the clock is not enough either: seeded from
-/// clock and address, 2 of 25 two-worker Envoy starts gave both workers the same seed.
+/// clock and address, 2 of 25 two-worker Envoy starts left one worker's copies unsent.
 /// The shadow queue's name must differ per worker: Envoy wakes only the last root that
 /// registered a name, so a worker sharing it never sends its copies
 /// (`every_worker_sends_its_own_copies` in tests/tests/shadow.rs).
