@@ -136,11 +136,15 @@ impl Measured {
 /// One of the targets.
 pub struct Target {
     pub name: &'static str,
+    /// The measured value (a median over the rounds, for a ratio).
     pub value: f64,
     pub limit: f64,
     /// True when `value` must be at least `limit` (false: at most).
     pub at_least: bool,
     pub unit: &'static str,
+    /// For a value measured once per round: its spread over the rounds. When the limit
+    /// lies inside it the verdict is not decisive — this machine's noise decides it.
+    pub per_round: Option<Spread>,
 }
 
 impl Target {
@@ -152,23 +156,52 @@ impl Target {
         }
     }
 
+    /// Whether every round fell on the same side of the limit (true when there are no
+    /// rounds to disagree).
+    pub fn decisive(&self) -> bool {
+        !self
+            .per_round
+            .as_ref()
+            .is_some_and(|r| r.min < self.limit && self.limit < r.max)
+    }
+
     pub fn json(&self) -> Value {
-        json!({
+        let mut record = json!({
             "name": self.name, "value": self.value, "limit": self.limit,
             "at_least": self.at_least, "unit": self.unit, "met": self.met(),
-        })
+            "decisive": self.decisive(),
+        });
+        if let Some(r) = &self.per_round {
+            record["per_round_min"] = json!(r.min);
+            record["per_round_max"] = json!(r.max);
+        }
+        record
     }
 
     pub fn line(&self) -> String {
+        let rounds = match &self.per_round {
+            Some(r) => format!(
+                "; per round {:.3}–{:.3}{}",
+                r.min,
+                r.max,
+                if self.decisive() {
+                    ""
+                } else {
+                    ", the limit inside it"
+                }
+            ),
+            None => String::new(),
+        };
         format!(
-            "{:<6} {}: {:.3}{} ({} {}{})",
+            "{:<6} {}: {:.3}{} ({} {}{}{})",
             if self.met() { "MET" } else { "MISSED" },
             self.name,
             self.value,
             self.unit,
             if self.at_least { "≥" } else { "≤" },
             self.limit,
-            self.unit
+            self.unit,
+            rounds
         )
     }
 }
@@ -310,6 +343,35 @@ mod tests {
         let s = Spread::of(&[4.0, 1.0, 2.0, 3.0]);
         assert_eq!(s.median, 2.5);
         assert_eq!(Spread::of(&[]).median, 0.0);
+    }
+
+    #[test]
+    fn a_target_says_when_the_rounds_straddle_its_limit() {
+        let target = |min: f64, median: f64, max: f64| Target {
+            name: "ratio",
+            value: median,
+            limit: 0.85,
+            at_least: true,
+            unit: "",
+            per_round: Some(Spread { median, min, max }),
+        };
+        let straddling = target(0.73, 0.84, 0.87);
+        assert!(!straddling.met() && !straddling.decisive());
+        assert!(straddling.line().starts_with("MISSED"));
+        assert!(straddling
+            .line()
+            .contains("per round 0.730–0.870, the limit inside it"));
+        assert_eq!(straddling.json()["decisive"], false);
+        let clear = target(0.86, 0.9, 0.95);
+        assert!(clear.met() && clear.decisive());
+        assert!(!clear.line().contains("inside"));
+        assert_eq!(clear.json()["per_round_min"], 0.86);
+        let once = Target {
+            per_round: None,
+            ..target(0.0, 0.9, 0.0)
+        };
+        assert!(once.decisive());
+        assert!(!once.line().contains("per round"));
     }
 
     #[test]
