@@ -243,18 +243,13 @@ async fn split_is_sticky_and_on_target_over_ten_thousand_users() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ecds_ramp_from_10_to_30_keeps_every_canary_user() {
-    let EcdsRig {
-        envoy,
-        stable: _stable,
-        canary: _canary,
-        ecds,
-        _dir,
-    } = start_ecds(&split_policy(10)).await;
+    let rig = start_ecds(&split_policy(10)).await;
+    let envoy = &rig.envoy;
     let ids = user_ids(10_000);
 
-    let before = route_keys(&envoy, "x-user-id", &ids, 2).await;
-    apply_ecds(&envoy, &ecds, "2", &split_policy(30)).await;
-    let after = route_keys(&envoy, "x-user-id", &ids, 2).await;
+    let before = route_keys(envoy, "x-user-id", &ids, 2).await;
+    apply_ecds(envoy, &rig.ecds, "2", &split_policy(30)).await;
+    let after = route_keys(envoy, "x-user-id", &ids, 2).await;
 
     let share_before = share(&before, "canary");
     let share_after = share(&after, "canary");
@@ -373,13 +368,8 @@ async fn invalid_policy_at_startup_is_refused_with_every_error_named() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn invalid_policy_through_ecds_is_refused_and_the_previous_one_keeps_serving() {
-    let EcdsRig {
-        envoy,
-        stable: _stable,
-        canary: _canary,
-        ecds,
-        _dir,
-    } = start_ecds(&split_policy(10)).await;
+    let rig = start_ecds(&split_policy(10)).await;
+    let envoy = &rig.envoy;
     let fail_stat = "extension_config_discovery.http_filter.meshcanary.config_fail";
     let fails_before = envoy.counter(fail_stat).await;
 
@@ -399,7 +389,7 @@ async fn invalid_policy_through_ecds_is_refused_and_the_previous_one_keeps_servi
         answers
     });
     tokio::time::sleep(Duration::from_millis(300)).await;
-    write_ecds(&ecds, "2", &invalid_policy().to_string());
+    write_ecds(&rig.ecds, "2", &invalid_policy().to_string());
     let fails = envoy
         .wait_counter(fail_stat, Duration::from_secs(10), |v| v != fails_before)
         .await;
@@ -423,7 +413,7 @@ async fn invalid_policy_through_ecds_is_refused_and_the_previous_one_keeps_servi
     );
     // Still routing by v1's split.
     let ids = user_ids(300);
-    let answers = route_keys(&envoy, "x-user-id", &ids, 2).await;
+    let answers = route_keys(envoy, "x-user-id", &ids, 2).await;
     for (id, answer) in ids.iter().zip(&answers) {
         assert_eq!(answer, &native_variant(&split_policy(10), "rollout", id));
     }
@@ -515,18 +505,13 @@ async fn per_variant_counters_equal_what_the_upstreams_saw() {
 /// reach Envoy's counters, exactly once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
-    let EcdsRig {
-        envoy,
-        stable,
-        canary,
-        ecds,
-        _dir,
-    } = start_ecds(&split_policy(10)).await;
+    let rig = start_ecds(&split_policy(10)).await;
+    let envoy = &rig.envoy;
 
-    let first = route_keys(&envoy, "x-user-id", &user_ids(300), 2).await;
+    let first = route_keys(envoy, "x-user-id", &user_ids(300), 2).await;
     // At once, well inside one flush period after the last answer.
-    apply_ecds(&envoy, &ecds, "2", &split_policy(30)).await;
-    let second = route_keys(&envoy, "x-user-id", &user_ids(200), 2).await;
+    apply_ecds(envoy, &rig.ecds, "2", &split_policy(30)).await;
+    let second = route_keys(envoy, "x-user-id", &user_ids(200), 2).await;
 
     let stats = envoy.stats().await;
     let requests = |variant: &str| {
@@ -541,7 +526,7 @@ async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
     assert_eq!(answered, 500);
     assert_eq!(
         (requests("stable"), requests("canary")),
-        (stable.count() as u64, canary.count() as u64),
+        (rig.stable.count() as u64, rig.canary.count() as u64),
         "the filter's counters against what the upstreams saw"
     );
     assert_eq!(requests("stable") + requests("canary"), answered);
