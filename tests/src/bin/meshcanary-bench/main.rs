@@ -411,6 +411,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
     // wrk sharing the machine), the slow shadow against a fast one, and what Envoy's own
     // mirroring does to p99 on the same machine.
     let cpu = |m: &Measured| m.cpu_us().median;
+    let rps_ratio = |a: &Measured, b: &Measured| a.ratio(b, wrk::Run::rps).median;
     let p99_ratio = |a: &str, b: &str| -> Result<f64, String> {
         Ok(find(a)?.ratio(find(b)?, |r| r.p99_us as f64).median)
     };
@@ -418,10 +419,10 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let host_call_floor = find("host_call_floor_wasm")?;
     let context = json!({
         "cpu_ratio_empty_to_meshcanary": cpu(empty) / cpu(routed),
-        "rps_one_header_to_empty": one_header.ratio(empty, wrk::Run::rps).median,
-        "rps_meshcanary_to_one_header": routed.ratio(one_header, wrk::Run::rps).median,
-        "rps_host_call_floor_to_empty": host_call_floor.ratio(empty, wrk::Run::rps).median,
-        "rps_meshcanary_to_host_call_floor": routed.ratio(host_call_floor, wrk::Run::rps).median,
+        "rps_one_header_to_empty": rps_ratio(one_header, empty),
+        "rps_meshcanary_to_one_header": rps_ratio(routed, one_header),
+        "rps_host_call_floor_to_empty": rps_ratio(host_call_floor, empty),
+        "rps_meshcanary_to_host_call_floor": rps_ratio(routed, host_call_floor),
         "cpu_us_meshcanary_over_host_call_floor": cpu(routed) - cpu(host_call_floor),
         "p99_slow_shadow_to_fast_shadow": p99_ratio("upstream_meshcanary_slow_shadow", "upstream_meshcanary_fast_shadow")?,
         "p99_native_mirror_to_native": p99_ratio("upstream_native_slow_mirror", "upstream_native_weighted")?,
