@@ -14,6 +14,7 @@
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
+#   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
 #   make toolchain install the Debian packages the build needs (as root)
@@ -40,10 +41,11 @@ RUNNER            := $(TOOLS)/bin/wasm-bindgen-test-runner
 
 export MESHCANARY_ENVOY := $(abspath $(ENVOY))
 export MESHCANARY_WASM  := $(abspath $(WASM))
+export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap.wasm)
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -90,6 +92,11 @@ $(RUNNER): filter/Cargo.lock
 wasm:
 	./scripts/build-wasm.sh
 
+# The filter with its `test-trap` feature (traps on a marked request), for the
+# failure-policy tests (tests/tests/failure.rs); never shipped.
+wasm-test-trap:
+	./scripts/build-wasm.sh meshcanary-filter test-trap
+
 ## --- checks ----------------------------------------------------------------
 
 fmt:
@@ -103,6 +110,7 @@ fmt-check:
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
 	$(CARGO) clippy --workspace --all-targets --locked --manifest-path filter/Cargo.toml -- -D warnings
+	$(CARGO) clippy --locked --manifest-path filter/Cargo.toml -p meshcanary-filter --features test-trap -- -D warnings
 	./scripts/clippy-wasm.sh
 
 unit: unit-wasm
@@ -114,7 +122,7 @@ unit-wasm: $(RUNNER)
 # Host workspace: the controller (unit tests, verdict simulation, spec, metric sources
 # against real Envoy and Prometheus) and the end-to-end tests. The controller binary is
 # built first: the e2e tests run it as a user would.
-e2e: venv wasm
+e2e: venv wasm wasm-test-trap
 	$(CARGO) build --locked -p meshcanary
 	$(CARGO) test --locked --workspace -- --test-threads 2
 

@@ -4,6 +4,11 @@
 #   scripts/build-wasm.sh               the filter (package meshcanary-filter)
 #   scripts/build-wasm.sh bench-empty   the empty filter `make bench` compares with,
 #                                       to target/wasm/bench_empty.wasm
+#   scripts/build-wasm.sh meshcanary-filter test-trap
+#                                       the filter with a cargo feature, to
+#                                       target/wasm/meshcanary_filter_test_trap.wasm (its
+#                                       own target folder, so the two builds never
+#                                       invalidate each other)
 # Any package of the filter workspace works: the module is named after its library
 # (`-` becomes `_`), built with the workspace's release profile.
 #
@@ -19,26 +24,35 @@ cd "$repo"
 out=target/wasm
 mkdir -p "$out"
 package=${1:-meshcanary-filter}
+feature=${2:-}
 module=${package//-/_}.wasm
+target_dir=target/filter-wasm
+features=()
+output=$module
+if [ -n "$feature" ]; then
+    target_dir=target/filter-wasm-$feature
+    features=(--features "$feature")
+    output=${package//-/_}_${feature//-/_}.wasm
+fi
 
 if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then
     echo "build-wasm: rustup toolchain, target wasm32-wasip1"
     cargo build --release --locked --target wasm32-wasip1 \
-        --manifest-path filter/Cargo.toml --target-dir target/filter-wasm -p "$package"
-    built=target/filter-wasm/wasm32-wasip1/release/$module
+        --manifest-path filter/Cargo.toml --target-dir "$target_dir" -p "$package" "${features[@]}"
+    built=$target_dir/wasm32-wasip1/release/$module
 elif [ -x /usr/bin/cargo ] && [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ]; then
     echo "build-wasm: Debian toolchain ($(/usr/bin/rustc --version)), target wasm32-wasi, offline"
     "$repo/scripts/vendor-filter.sh"
     RUSTC=/usr/bin/rustc /usr/bin/cargo build --offline --locked --release --target wasm32-wasi \
-        --manifest-path filter/Cargo.toml --target-dir target/filter-wasm -p "$package" \
+        --manifest-path filter/Cargo.toml --target-dir "$target_dir" -p "$package" "${features[@]}" \
         --config 'source.crates-io.replace-with="vendored"' \
         --config "source.vendored.directory=\"$repo/target/vendor-filter\""
-    built=target/filter-wasm/wasm32-wasi/release/$module
+    built=$target_dir/wasm32-wasi/release/$module
 else
     echo "build-wasm: no wasm32 toolchain. Either 'rustup target add wasm32-wasip1', or on Debian:" >&2
     echo "  apt-get install rustc cargo libstd-rust-dev-wasm32   (or: make toolchain)" >&2
     exit 1
 fi
 
-cp "$built" "$out/$module"
-echo "build-wasm: $out/$module ($(stat -c %s "$out/$module") bytes)"
+cp "$built" "$out/$output"
+echo "build-wasm: $out/$output ($(stat -c %s "$out/$output") bytes)"

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use meshcanary_policy::envoy::FailurePolicy;
 use meshcanary_policy::walk::{join, kind};
 use meshcanary_policy::{Action, ConfigErrors, Policy, Walker};
 use serde_json::{Map, Value};
@@ -100,6 +101,8 @@ pub struct EcdsFileSpec {
     pub wasm: PathBuf,
     /// Envoy admin endpoints that confirm each update (default: the envoy_admin source's).
     pub admin: Vec<String>,
+    /// What Envoy does with requests once the filter's VM failed (`FAIL_RELOAD` by default).
+    pub failure_policy: FailurePolicy,
 }
 
 /// The Kubernetes sink: an Istio `EnvoyFilter` (`networking.istio.io/v1alpha3`) that
@@ -124,6 +127,11 @@ pub struct KubernetesSpec {
     /// A kubeconfig file (relative to the spec); default: in-cluster, then `KUBECONFIG`,
     /// then `~/.kube/config`.
     pub kubeconfig: Option<PathBuf>,
+    /// What Envoy does with requests once the filter's VM failed. Default `FAIL_RELOAD`
+    /// for a module on the proxy's disk; `FAIL_OPEN` for one the Istio agent downloads
+    /// (`wasm.http`), because the agent answers a failed download with a deny-all filter
+    /// under any other policy.
+    pub failure_policy: FailurePolicy,
 }
 
 /// `vm_config.code` of the Wasm filter in the EnvoyFilter.
@@ -167,6 +175,7 @@ const KUBERNETES_FIELDS: &[&str] = &[
     "wasm",
     "context",
     "kubeconfig",
+    "failure_policy",
 ];
 
 const SPEC_FIELDS: &[&str] = &[
@@ -767,9 +776,11 @@ impl Reader {
 
     fn ecds_file(&mut self, ecds: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
         let p = "sink.ecds_file";
-        let m = self
-            .w
-            .object(ecds, p, &["path", "filter_name", "wasm", "admin"])?;
+        let m = self.w.object(
+            ecds,
+            p,
+            &["path", "filter_name", "wasm", "admin", "failure_policy"],
+        )?;
         let path = self
             .w
             .required(m, p, "path")
@@ -810,11 +821,13 @@ impl Reader {
             }
             (None, None) => None,
         };
+        let failure_policy = self.failure_policy(m, p, FailurePolicy::Reload);
         Some(SinkSpec::EcdsFile(EcdsFileSpec {
             path: path?,
             filter_name: filter_name?,
             wasm: wasm?,
             admin: admin?,
+            failure_policy: failure_policy?,
         }))
     }
 
@@ -867,6 +880,11 @@ impl Reader {
                 .string(v, "sink.kubernetes.kubeconfig")
                 .map(|s| Some(self.base.join(s))),
         };
+        let default_failure = match &wasm {
+            Some(WasmCode::Http { .. }) => FailurePolicy::Open,
+            _ => FailurePolicy::Reload,
+        };
+        let failure_policy = self.failure_policy(m, p, default_failure);
         Some(SinkSpec::Kubernetes(KubernetesSpec {
             namespace: namespace?,
             name: name?,
@@ -875,7 +893,33 @@ impl Reader {
             wasm: wasm?,
             context: context?,
             kubeconfig: kubeconfig?,
+            failure_policy: failure_policy?,
         }))
+    }
+
+    /// A sink's `failure_policy`: one of Envoy's names, `default` when absent.
+    fn failure_policy(
+        &mut self,
+        m: &Map<String, Value>,
+        sink_path: &str,
+        default: FailurePolicy,
+    ) -> Option<FailurePolicy> {
+        let path = join(sink_path, "failure_policy");
+        let v = match m.get("failure_policy") {
+            None => return Some(default),
+            Some(v) => v,
+        };
+        match v.as_str().and_then(FailurePolicy::from_name) {
+            Some(policy) => Some(policy),
+            None => {
+                let names: Vec<&str> = FailurePolicy::ALL.iter().map(|p| p.as_str()).collect();
+                self.w.error(
+                    &path,
+                    format!("expected one of {}, found {}", names.join(", "), v),
+                );
+                None
+            }
+        }
     }
 
     /// A Kubernetes object name: a DNS-1123 label (namespaces) or subdomain.

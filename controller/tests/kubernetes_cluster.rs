@@ -17,6 +17,7 @@ use meshcanary_controller::sink::kubernetes::{envoy_filter_resource, lease_name,
 use meshcanary_controller::sink::{ConfigSink, Record, RolloutId, SinkError};
 use meshcanary_controller::spec::{KubernetesSpec, PatchContext, WasmCode};
 use meshcanary_controller::verdict::State;
+use meshcanary_policy::envoy::FailurePolicy;
 use serde_json::json;
 
 fn note(text: &str) {
@@ -43,6 +44,7 @@ async fn applies_reads_back_and_deletes_on_a_real_cluster() {
         wasm: WasmCode::Local("/var/local/lib/wasm/meshcanary_filter.wasm".to_string()),
         context: vec![PatchContext::SidecarOutbound, PatchContext::Gateway],
         kubeconfig: Some(kubeconfig.clone()),
+        failure_policy: FailurePolicy::Reload,
     };
     note(&format!(
         "kubernetes_cluster: using {} namespace {} EnvoyFilter {}",

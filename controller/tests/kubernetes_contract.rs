@@ -28,6 +28,7 @@ use meshcanary_controller::sink::kubernetes::{
 use meshcanary_controller::sink::{ConfigSink, Record, RolloutId, SinkError};
 use meshcanary_controller::spec::{KubernetesSpec, PatchContext, WasmCode};
 use meshcanary_controller::verdict::State;
+use meshcanary_policy::envoy::FailurePolicy;
 use serde_json::{json, Value};
 
 const NS: &str = "shop";
@@ -459,6 +460,7 @@ fn kubernetes_spec() -> KubernetesSpec {
         wasm: WasmCode::Local("/var/local/lib/wasm/meshcanary_filter.wasm".to_string()),
         context: vec![PatchContext::SidecarOutbound, PatchContext::Gateway],
         kubeconfig: None,
+        failure_policy: FailurePolicy::Reload,
     }
 }
 
@@ -579,7 +581,8 @@ async fn apply_is_a_forced_server_side_apply_of_exactly_the_rendered_object() {
         &meshcanary_controller::sink::ecds_file::wasm_filter_config(
             "meshcanary",
             std::path::Path::new("/var/local/lib/wasm/meshcanary_filter.wasm"),
-            &policy(2500)
+            &policy(2500),
+            FailurePolicy::Reload
         ),
         "the same Wasm message as the ECDS file sink"
     );

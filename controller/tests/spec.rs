@@ -6,6 +6,7 @@ use meshcanary_controller::spec::{
     KubernetesSpec, PatchContext, RolloutSpec, SinkSpec, SourceSpec, WasmCode,
 };
 use meshcanary_controller::verdict::OnNoData;
+use meshcanary_policy::envoy::FailurePolicy;
 
 const POLICY: &str = r#"{
   "name": "checkout",
@@ -194,6 +195,7 @@ fn the_kubernetes_sink_is_read_with_its_defaults() {
             wasm: WasmCode::Local("/var/local/lib/wasm/meshcanary_filter.wasm".into()),
             context: vec![PatchContext::SidecarOutbound, PatchContext::Gateway],
             kubeconfig: Some(dir.path().join("kube/config")),
+            failure_policy: FailurePolicy::Reload,
         })
     );
 
@@ -213,6 +215,64 @@ fn the_kubernetes_sink_is_read_with_its_defaults() {
             url: "https://example.com/f.wasm".into(),
             sha256: "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789".into(),
         }
+    );
+    assert_eq!(
+        k.failure_policy,
+        FailurePolicy::Open,
+        "a module the Istio agent downloads fails open: under any other policy a failed download installs a deny-all filter"
+    );
+}
+
+#[test]
+fn the_failure_policy_defaults_to_reload_and_is_read_in_both_sinks() {
+    let (_dir, parsed) = parse(VALID);
+    let SinkSpec::EcdsFile(ecds) = parsed.expect("valid spec").sink else {
+        panic!("expected the ECDS file sink");
+    };
+    assert_eq!(ecds.failure_policy, FailurePolicy::Reload);
+
+    for (name, expected) in [
+        ("FAIL_RELOAD", FailurePolicy::Reload),
+        ("FAIL_OPEN", FailurePolicy::Open),
+        ("FAIL_CLOSED", FailurePolicy::Closed),
+    ] {
+        let (_dir, parsed) = parse(&with_sink(&format!(
+            "  ecds_file: {{path: policy.ecds.yaml, wasm: m.wasm, failure_policy: {name}}}\n"
+        )));
+        let SinkSpec::EcdsFile(ecds) = parsed.expect("valid spec").sink else {
+            panic!("expected the ECDS file sink");
+        };
+        assert_eq!(ecds.failure_policy, expected, "{name}");
+
+        let (_dir, parsed) = parse(&with_sink(&format!(
+            "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm: {{local: /m.wasm}}\n    failure_policy: {name}\n"
+        )));
+        let SinkSpec::Kubernetes(k) = parsed.expect("valid spec").sink else {
+            panic!("expected the kubernetes sink");
+        };
+        assert_eq!(k.failure_policy, expected, "{name}");
+    }
+
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm: {local: /m.wasm}\n    failure_policy: FAIL_CLOSE\n",
+    ));
+    let errors = parsed.expect_err("Istio's spelling is not Envoy's");
+    assert!(
+        errors.iter().any(|e| e
+            == "sink.kubernetes.failure_policy: expected one of FAIL_RELOAD, FAIL_OPEN, FAIL_CLOSED, found \"FAIL_CLOSE\""),
+        "{}",
+        errors.join("\n")
+    );
+    let (_dir, parsed) = parse(&with_sink(
+        "  ecds_file: {path: policy.ecds.yaml, wasm: m.wasm, failure_policy: 3}\n",
+    ));
+    let errors = parsed.expect_err("not a name");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e.starts_with("sink.ecds_file.failure_policy: expected one of")),
+        "{}",
+        errors.join("\n")
     );
 }
 

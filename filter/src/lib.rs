@@ -13,6 +13,8 @@
 mod host;
 mod metrics;
 mod shadow;
+#[cfg(feature = "test-trap")]
+mod test_trap;
 
 use std::borrow::Cow;
 use std::cell::Cell;
@@ -106,6 +108,15 @@ impl Context for PolicyRoot {
 }
 
 impl RootContext for PolicyRoot {
+    fn on_vm_start(&mut self, _vm_configuration_size: usize) -> bool {
+        // One per VM: Envoy's base VM, one per worker, and one for every VM Envoy starts
+        // again after a failure (`failure_policy: FAIL_RELOAD`). Under FAIL_OPEN and
+        // FAIL_CLOSED Envoy counts no VM failure at all; this is the filter's own record
+        // that VMs were replaced.
+        metrics::count_now("meshcanary.vm.started");
+        true
+    }
+
     fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
         host::set_tick_period(metrics::FLUSH_PERIOD);
         let bytes = host::plugin_configuration().unwrap_or_default();
@@ -221,6 +232,8 @@ impl Context for RoutingStream {}
 
 impl HttpContext for RoutingStream {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        #[cfg(feature = "test-trap")]
+        test_trap::on_request();
         let configured = match &self.configured {
             Some(c) => Rc::clone(c),
             None => return Action::Continue,

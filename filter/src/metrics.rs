@@ -20,8 +20,8 @@ use proxy_wasm::types::MetricType;
 use crate::host;
 
 /// How often counted increments reach Envoy: the longest a counter in `/stats` lags
-/// behind the requests it counts.
-pub const FLUSH_PERIOD: Duration = Duration::from_millis(100);
+/// behind the requests it counts, and the most counting a failed VM can lose.
+pub const FLUSH_PERIOD: Duration = Duration::from_millis(meshcanary_policy::envoy::FLUSH_PERIOD_MS);
 
 /// A counter: an index into this VM's pending increments; `None` when the host
 /// refused to define it (counted nowhere, since the counter for that would be a

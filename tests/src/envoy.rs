@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use meshcanary_policy::envoy::{ecds_document, wasm_filter_config};
+use meshcanary_policy::envoy::{ecds_document, wasm_filter_config, FailurePolicy};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
@@ -183,9 +183,14 @@ impl EnvoyConfig {
 }
 
 /// The `envoy.extensions.filters.http.wasm.v3.Wasm` message for a policy, exactly as the
-/// controller's ECDS sink renders it.
+/// controller's ECDS sink renders it (with its default failure policy).
 pub fn wasm_filter(policy_json: &str, wasm: &Path) -> Value {
-    wasm_filter_config(FILTER_NAME, wasm, &policy_value(policy_json))
+    wasm_filter_config(
+        FILTER_NAME,
+        wasm,
+        &policy_value(policy_json),
+        FailurePolicy::default(),
+    )
 }
 
 /// Writes the ECDS file Envoy watches, atomically (temporary file, then rename), with
@@ -199,7 +204,13 @@ pub fn write_ecds(path: &Path, version: &str, policy_json: &str) {
 /// [`write_ecds`] for programs (the demo): the policy as a JSON value, and a failure to
 /// write reported, not panicked.
 pub fn try_write_ecds(path: &Path, version: &str, policy: &Value) -> Result<(), String> {
-    let response = ecds_document(FILTER_NAME, &paths::wasm(), policy, version);
+    let response = ecds_document(
+        FILTER_NAME,
+        &paths::wasm(),
+        policy,
+        FailurePolicy::default(),
+        version,
+    );
     let tmp = path.with_extension("json.tmp");
     let bytes = serde_json::to_vec_pretty(&response).map_err(|e| format!("ECDS document: {e}"))?;
     std::fs::write(&tmp, bytes).map_err(|e| format!("cannot write {}: {e}", tmp.display()))?;

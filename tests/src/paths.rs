@@ -25,6 +25,15 @@ pub fn wasm() -> PathBuf {
         .unwrap_or_else(|| repo().join("target/wasm/meshcanary_filter.wasm"))
 }
 
+/// The filter built with its `test-trap` feature (traps on a request carrying
+/// `x-meshcanary-test-trap`): `$MESHCANARY_TRAP_WASM`, else
+/// `target/wasm/meshcanary_filter_test_trap.wasm` (`make wasm-test-trap`).
+pub fn trap_wasm() -> PathBuf {
+    std::env::var_os("MESHCANARY_TRAP_WASM")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo().join("target/wasm/meshcanary_filter_test_trap.wasm"))
+}
+
 /// The controller binary: `$MESHCANARY_BIN`, else the workspace's debug build
 /// (`cargo build -p meshcanary`, which `make test` runs first).
 pub fn meshcanary_bin() -> PathBuf {

@@ -141,7 +141,7 @@ async fn the_inline_envoyfilter_routes_requests_in_real_envoy() {
 async fn the_wasmplugin_policy_routes_requests_in_real_envoy() {
     let plugin = read_yaml("alternatives/wasmplugin.yaml");
     assert_eq!(plugin["spec"]["url"], format!("file://{PROXY_WASM_PATH}"));
-    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_OPEN");
+    assert_eq!(plugin["spec"]["failStrategy"], "FAIL_RELOAD");
     // Istio hands pluginConfig to the module as its JSON configuration.
     let policy = plugin["spec"]["pluginConfig"].to_string();
     assert_routes(FilterSource::Inline(policy), true).await;

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub use meshcanary_policy::envoy::{
-    ecds_document, wasm_filter_config, wasm_filter_config_with_code,
+    ecds_document, wasm_filter_config, wasm_filter_config_with_code, FailurePolicy,
 };
 
 use super::{ConfigSink, Record, SinkError};
@@ -239,6 +239,7 @@ impl ConfigSink for EcdsFile {
             &self.spec.filter_name,
             &self.spec.wasm,
             policy,
+            self.spec.failure_policy,
             &version_of(record),
         );
         // JSON is valid YAML, so the file may be named .yaml or .json.

@@ -215,7 +215,7 @@ pub fn envoy_filter_spec(spec: &KubernetesSpec, policy: &Value) -> Value {
             "operation": "ADD",
             "value": {
                 "name": name,
-                "typed_config": wasm_filter_config_with_code(name, code, policy),
+                "typed_config": wasm_filter_config_with_code(name, code, policy, spec.failure_policy),
             }
         }
     })];
