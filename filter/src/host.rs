@@ -43,11 +43,14 @@ pub fn request_headers() -> Option<HeaderMap> {
     }
 }
 
-/// The one import this module declares itself: the SDK's `hostcalls` has no way to hand
-/// out a serialized map unparsed. Same ABI function, same import module (`env`).
+/// The imports this module declares itself, where the SDK's `hostcalls` either has no
+/// way to do it (hand out a serialized map unparsed) or panics on a status the host may
+/// return (header removal, shared data). Same ABI functions, same import module (`env`).
 mod ffi {
     /// `Status::Ok` of the ABI (the SDK's enum is not FFI-safe across crates).
     pub const STATUS_OK: u32 = 0;
+    /// `Status::NotFound` of the ABI.
+    pub const STATUS_NOT_FOUND: u32 = 1;
 
     extern "C" {
         pub fn proxy_get_header_map_pairs(
@@ -55,7 +58,70 @@ mod ffi {
             return_map_data: *mut *mut u8,
             return_map_size: *mut usize,
         ) -> u32;
+        pub fn proxy_remove_header_map_value(
+            map_type: u32,
+            key_data: *const u8,
+            key_size: usize,
+        ) -> u32;
+        pub fn proxy_get_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+            return_cas: *mut u32,
+        ) -> u32;
+        pub fn proxy_set_shared_data(
+            key_data: *const u8,
+            key_size: usize,
+            value_data: *const u8,
+            value_size: usize,
+            cas: u32,
+        ) -> u32;
     }
+}
+
+/// Removes a request header (every value of it); false when the host refused.
+pub fn remove_request_header(name: &str) -> bool {
+    // SAFETY: the host only reads `name.len()` bytes at `name.as_ptr()`.
+    let status = unsafe {
+        ffi::proxy_remove_header_map_value(
+            MapType::HttpRequestHeaders as u32,
+            name.as_ptr(),
+            name.len(),
+        )
+    };
+    status == ffi::STATUS_OK
+}
+
+/// A value of the proxy's shared data — one store for every VM with this `vm_id` in the
+/// process, i.e. every worker — and its compare-and-swap version. `Some((None, 0))` when the
+/// key is not there; `None` when the host refused.
+pub fn shared_data(key: &str) -> Option<(Option<Vec<u8>>, u32)> {
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    let mut cas: u32 = 0;
+    // SAFETY: as for `proxy_get_header_map_pairs` in `request_headers`: the host hands us
+    // a buffer it allocated through the SDK's `proxy_on_memory_allocate`, or null.
+    let status = unsafe {
+        ffi::proxy_get_shared_data(key.as_ptr(), key.len(), &mut data, &mut size, &mut cas)
+    };
+    match status {
+        ffi::STATUS_OK if data.is_null() || size == 0 => Some((Some(Vec::new()), cas)),
+        // SAFETY: see above.
+        ffi::STATUS_OK => Some((Some(unsafe { Vec::from_raw_parts(data, size, size) }), cas)),
+        ffi::STATUS_NOT_FOUND => Some((None, 0)),
+        _ => None,
+    }
+}
+
+/// Writes shared data if its version is still `cas` (0 writes whatever is there); false
+/// when another VM wrote first (or the host refused).
+pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> bool {
+    // SAFETY: the host only reads the two buffers, for their lengths.
+    let status = unsafe {
+        ffi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
+    };
+    status == ffi::STATUS_OK
 }
 
 /// A header map as the proxy-wasm ABI serializes it, read in place:

@@ -21,7 +21,7 @@ use std::cell::Cell;
 use std::rc::Rc;
 
 use meshcanary_policy::mirror::BodyDigest;
-use meshcanary_policy::{Compare, MirrorChoice, Placement, Policy, SkipReason};
+use meshcanary_policy::{Compare, Marker, MirrorChoice, Placement, Policy, SkipReason};
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, ContextType, LogLevel};
 
@@ -151,7 +151,8 @@ impl RootContext for PolicyRoot {
                 let random_state = Cell::new(seed);
                 let shadow = policy.mirror.take().map(|mirror| {
                     let unique = meshcanary_policy::bucket::fmix64(seed ^ 0x5eed);
-                    Shadow::new(&policy.name, mirror, unique)
+                    let token = shadow::copy_token(&policy.name, &bytes, vm_seed);
+                    Shadow::new(&policy.name, mirror, unique, token)
                 });
                 let read_whole_map =
                     shadow.is_some() || policy.inputs.len() >= WHOLE_MAP_FROM_INPUTS;
@@ -278,18 +279,26 @@ impl HttpContext for RoutingStream {
         }
         self.decided = Some(decision.variant);
 
-        let is_copy = configured
-            .shadow
-            .as_ref()
-            .map_or(false, |s| s.mirror.is_copy(inputs.as_slice()));
-        self.counted = !is_copy;
+        let marker = configured.shadow.as_ref().map_or(Marker::Absent, |s| {
+            s.mirror.marker(inputs.as_slice(), s.copy_token.as_bytes())
+        });
+        // Only this proxy's own copies are left out of the counts: a marker anyone can set
+        // must not hide live requests from the analysis.
+        self.counted = marker != Marker::Genuine;
         if self.counted {
             self.count_decision(&configured, decision);
         }
         if let Some(shadow) = &configured.shadow {
+            if marker == Marker::Forged {
+                shadow.forged_marker();
+                // Nor does it travel on: upstream services never see a marker we did not set.
+                if !host::remove_request_header(&shadow.mirror.marker_header) {
+                    metrics.error(FilterError::SetHeader);
+                }
+            }
             match shadow
                 .mirror
-                .choose(inputs.as_slice(), || configured.next_random())
+                .choose(inputs.as_slice(), marker, || configured.next_random())
             {
                 MirrorChoice::Send => {
                     let decision = (policy.decision_header.as_str(), variant.as_str());

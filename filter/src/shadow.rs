@@ -59,6 +59,7 @@ pub struct ShadowMetrics {
     body_match: Counter,
     body_mismatch: Counter,
     compare_skipped: Counter,
+    forged_marker: Counter,
     latency_ms: Histogram,
 }
 
@@ -77,6 +78,7 @@ impl ShadowMetrics {
             body_match: counter("body_match"),
             body_mismatch: counter("body_mismatch"),
             compare_skipped: counter("compare_skipped"),
+            forged_marker: counter("forged_marker"),
             latency_ms: Histogram::define(&format!("{}.latency_ms", base)),
         }
     }
@@ -111,10 +113,59 @@ struct Call {
     sent_ns: Option<u64>,
 }
 
+/// The value this proxy's copies carry in the marker header, for the policy configured
+/// now: a marker anyone could set (a client of a gateway, a buggy caller) would let them
+/// hide requests from the analysis, so only this value makes a request a copy.
+///
+/// It is random (128 bits, from the host's randomness: `fresh_random` draws them), the
+/// same for every worker of the proxy (kept in the proxy's shared data, which all VMs of
+/// the filter share), and new whenever the policy's text changes — so a token that leaked
+/// stops working with the next policy. One shared-data entry per policy name, replaced in
+/// place (compare-and-swap), so policy updates do not grow the proxy's memory.
+///
+/// Workers configure one after another, so whichever writes the entry for a new policy
+/// first sets the token and the others read it; two that race settle on the last write
+/// (each reads back what is stored). If the host has no shared data, this VM keeps a token
+/// of its own: its copies are then recognised by itself only.
+pub fn copy_token(
+    policy_name: &str,
+    policy_text: &[u8],
+    mut fresh_random: impl FnMut() -> u64,
+) -> String {
+    let key = format!("meshcanary.copy_token.{}", policy_name);
+    let digest = format!(
+        "{:016x}:",
+        meshcanary_policy::bucket::fnv_position(b"meshcanary/copy-token", policy_text)
+    );
+    let mut fresh = || format!("{:016x}{:016x}", fresh_random(), fresh_random());
+    for _ in 0..4 {
+        let (stored, cas) = match host::shared_data(&key) {
+            Some(found) => found,
+            None => return fresh(),
+        };
+        if let Some(token) = stored
+            .as_deref()
+            .and_then(|v| v.strip_prefix(digest.as_bytes()))
+            .and_then(|t| std::str::from_utf8(t).ok())
+        {
+            return token.to_string();
+        }
+        // No token for this policy yet: write one, then read back whatever is stored.
+        let token = fresh();
+        if !host::set_shared_data(&key, format!("{}{}", digest, token).as_bytes(), cas) {
+            continue;
+        }
+    }
+    fresh()
+}
+
 /// Shadowing state of one configured policy on one worker.
 pub struct Shadow {
     /// The policy's `mirror` section.
     pub mirror: Mirror,
+    /// The marker header's value on this proxy's copies (see [`copy_token`]): the only
+    /// value that makes a request a copy.
+    pub copy_token: String,
     metrics: ShadowMetrics,
     /// The root's wake-up queue; `None` when it could not be registered (copies are
     /// then counted as failed rather than sent from a stream that may vanish).
@@ -130,7 +181,7 @@ pub struct Shadow {
 impl Shadow {
     /// Defines the metrics and registers this root's wake-up queue under a name no other
     /// worker uses (shared-queue names are global to the VM id).
-    pub fn new(policy: &str, mirror: Mirror, unique: u64) -> Shadow {
+    pub fn new(policy: &str, mirror: Mirror, unique: u64, copy_token: String) -> Shadow {
         let queue = host::register_queue(&format!("meshcanary.shadow.{:016x}", unique));
         if queue.is_none() {
             log::warn!(
@@ -139,6 +190,7 @@ impl Shadow {
         }
         Shadow {
             mirror,
+            copy_token,
             metrics: ShadowMetrics::define(policy),
             queue,
             in_flight: Cell::new(0),
@@ -152,6 +204,11 @@ impl Shadow {
     /// Counts a request that was eligible but not copied.
     pub fn skipped(&self, reason: Skip) {
         self.metrics.skipped[reason as usize].bump();
+    }
+
+    /// Counts a request whose marker header is not this proxy's token.
+    pub fn forged_marker(&self) {
+        self.metrics.forged_marker.bump();
     }
 
     /// Starts a copy of the current request from its headers (`request`, read in
@@ -206,7 +263,7 @@ impl Shadow {
         if self.mirror.copies_header(decision.0) {
             headers.push((decision.0.to_string(), decision.1.to_string()));
         }
-        headers.push((self.mirror.marker_header.clone(), "1".to_string()));
+        headers.push((self.mirror.marker_header.clone(), self.copy_token.clone()));
         let id = self.next_id.get().wrapping_add(1);
         self.next_id.set(id);
         self.in_flight.set(self.in_flight.get() + 1);

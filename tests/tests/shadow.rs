@@ -5,7 +5,8 @@
 use std::time::{Duration, Instant};
 
 use meshcanary_e2e::{
-    assert_no_wasm_failure, Behaviour, Cluster, Envoy, EnvoyConfig, FilterSource, Upstream,
+    assert_no_wasm_failure, write_ecds, Behaviour, Cluster, Envoy, EnvoyConfig, FilterSource,
+    Upstream,
 };
 use serde_json::{json, Value};
 
@@ -51,6 +52,16 @@ async fn start(mirror: Value, shadow: Behaviour, concurrency: u32) -> Setup {
         canary,
         shadow,
     }
+}
+
+/// A copy's marker value: the proxy's copy token, 128 random bits in hex.
+fn assert_copy_token(marker: Option<&str>) -> String {
+    let token = marker.expect("the copy carries the marker header");
+    assert!(
+        token.len() == 32 && token.bytes().all(|b| b.is_ascii_hexdigit()),
+        "a 128-bit token, not a value a client would guess: {token:?}"
+    );
+    token.to_string()
 }
 
 fn stat(name: &str) -> String {
@@ -160,7 +171,7 @@ async fn a_get_is_copied_faithfully_without_credentials_and_marked() {
     assert_eq!(copy.method, "GET");
     assert_eq!(copy.path, "/search?q=shoes&page=2");
     assert_eq!(copy.body, body, "same body, byte for byte");
-    assert_eq!(copy.header("x-meshcanary-shadow").as_deref(), Some("1"));
+    assert_copy_token(copy.header("x-meshcanary-shadow").as_deref());
     assert_eq!(
         copy.header("host").as_deref(),
         Some("checkout.local-shadow:8080")
@@ -237,7 +248,7 @@ async fn writes_are_not_copied_unless_listed() {
     methods.sort();
     assert_eq!(methods, ["DELETE", "PATCH", "POST", "PUT"]);
     for copy in s.shadow.requests() {
-        assert_eq!(copy.header("x-meshcanary-shadow").as_deref(), Some("1"));
+        assert_copy_token(copy.header("x-meshcanary-shadow").as_deref());
         assert_eq!(copy.body, b"{\"charge\": 10}");
     }
     assert_no_wasm_failure(&s.envoy.log());
@@ -465,12 +476,29 @@ async fn compare_counts_status_and_body_differences() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_carrying_the_marker_is_not_copied_again_nor_counted_as_live() {
     let s = start(json!({}), Behaviour::default(), 2).await;
-    for _ in 0..5 {
+    // A copy coming back through this proxy (a shadow cluster routed through it, a shadow
+    // service passing the header on) carries the token the proxy put on it.
+    send(&s.envoy, "GET", "/original", &[], Vec::new()).await;
+    assert_eq!(s.shadow.wait_for(1, WAIT).await, 1);
+    let token = assert_copy_token(
+        s.shadow.requests()[0]
+            .header("x-meshcanary-shadow")
+            .as_deref(),
+    );
+    s.expect_shadow("sent", 1).await;
+    let live_before = s
+        .envoy
+        .counter("wasmcustom.meshcanary.shop.variant.stable.requests")
+        .await;
+    s.stable.clear();
+    // A connection per request, so both workers see copies: every worker knows the token.
+    let copies = 20;
+    for _ in 0..copies {
         let (status, upstream, _) = send(
             &s.envoy,
             "GET",
             "/",
-            &[("x-meshcanary-shadow", "1")],
+            &[("x-meshcanary-shadow", &token), ("connection", "close")],
             Vec::new(),
         )
         .await;
@@ -480,22 +508,101 @@ async fn a_request_carrying_the_marker_is_not_copied_again_nor_counted_as_live()
             "a copy is still routed"
         );
     }
-    assert_eq!(s.envoy.counter(&stat("skipped.marked")).await, 5);
+    let per_worker: Vec<u64> = s
+        .envoy
+        .stats()
+        .await
+        .into_iter()
+        .filter(|(name, _)| name.contains(".worker_") && name.ends_with(".downstream_cx_total"))
+        .map(|(_, connections)| connections)
+        .collect();
+    assert!(
+        per_worker.len() == 2 && per_worker.iter().all(|c| *c > 1),
+        "both workers took copies: {per_worker:?}"
+    );
+    s.expect_shadow("skipped.marked", copies).await;
     assert_eq!(
         s.envoy
             .counter("wasmcustom.meshcanary.shop.variant.stable.requests")
             .await,
-        0
+        live_before,
+        "copies are not live traffic"
     );
-    assert_eq!(
-        s.envoy
-            .counter("wasmcustom.meshcanary.shop.variant.stable.responses.2xx")
-            .await,
-        0
-    );
+    assert_eq!(s.envoy.counter(&stat("forged_marker")).await, 0);
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(s.shadow.count(), 0);
-    assert_eq!(s.envoy.counter(&stat("sent")).await, 0);
+    assert_eq!(s.shadow.count(), 1, "copies are never copied again");
+    assert_eq!(s.envoy.counter(&stat("sent")).await, 1);
+    // The genuine marker travels on with the copy it marks.
+    assert!(s
+        .stable
+        .requests()
+        .iter()
+        .all(|r| r.header("x-meshcanary-shadow").as_deref() == Some(token.as_str())));
+    assert_no_wasm_failure(&s.envoy.log());
+}
+
+/// Issue 15's report, as a new user tried it: 200 requests carrying
+/// `x-meshcanary-shadow: 1`, half of them routed to a canary answering 500, were all served
+/// and none was counted — any client could hide a failing canary from the analysis. Now a
+/// marker is a copy only with the proxy's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_marker_cannot_hide_requests_from_the_analysis() {
+    let s = start(json!({}), Behaviour::default(), 2).await;
+    s.canary.set_behaviour(Behaviour {
+        error_rate: 1.0,
+        ..Behaviour::default()
+    });
+    let total = 200u64;
+    for i in 0..total {
+        let mut headers = vec![("x-meshcanary-shadow", "1")];
+        if i % 2 == 0 {
+            headers.push(("x-canary", "always"));
+        }
+        let (status, upstream, _) = send(&s.envoy, "GET", "/", &headers, Vec::new()).await;
+        let expected = if i % 2 == 0 {
+            (500, "canary")
+        } else {
+            (200, "stable")
+        };
+        assert_eq!((status, upstream.as_str()), expected, "request {i}");
+    }
+    let envoy = &s.envoy;
+    let counter = |name: String| async move { envoy.counter(&name).await };
+    let variant = |v: &str, what: &str| format!("wasmcustom.meshcanary.shop.variant.{v}.{what}");
+    assert_eq!(counter(variant("canary", "requests")).await, total / 2);
+    assert_eq!(
+        counter(variant("canary", "responses.5xx")).await,
+        total / 2,
+        "the failing canary is seen"
+    );
+    assert_eq!(counter(variant("stable", "requests")).await, total / 2);
+    assert_eq!(counter(variant("stable", "responses.2xx")).await, total / 2);
+    assert_eq!(
+        counter(stat("forged_marker")).await,
+        total,
+        "and each forgery counted"
+    );
+    assert_eq!(counter(stat("skipped.marked")).await, 0);
+    // Live requests like any other: copied, with the real token in place of the forged one.
+    s.expect_shadow("sent", total).await;
+    assert_eq!(
+        s.shadow.wait_for(total as usize, WAIT).await,
+        total as usize
+    );
+    for copy in s.shadow.requests() {
+        assert_copy_token(copy.header("x-meshcanary-shadow").as_deref());
+    }
+    // The forged header never reaches a service.
+    for upstream in [&s.stable, &s.canary] {
+        assert!(
+            upstream
+                .requests()
+                .iter()
+                .all(|r| r.header("x-meshcanary-shadow").is_none()),
+            "{} received a forged marker",
+            upstream.name()
+        );
+    }
     assert_no_wasm_failure(&s.envoy.log());
 }
 
@@ -556,4 +663,103 @@ async fn every_worker_sends_its_own_copies() {
         requests as usize
     );
     assert_no_wasm_failure(&s.envoy.log());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_copy_token_changes_with_the_policy() {
+    let stable = Upstream::start("stable").await;
+    let canary = Upstream::start("canary").await;
+    let shadow = Upstream::start("shadow").await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let ecds = dir.path().join("meshcanary.ecds.json");
+    let policy = |percent: u32| {
+        json!({
+            "name": "shop",
+            "variants": ["stable", "canary"],
+            "rules": [{"name": "qa", "when": [{"header": "x-canary", "equals": "always"}], "variant": "canary"}],
+            "mirror": {"cluster": "shadow", "percent": percent}
+        })
+    };
+    let mut config =
+        EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
+    config.clusters.push(Cluster {
+        name: "shadow".into(),
+        addr: shadow.addr,
+    });
+    write_ecds(&ecds, "1", &policy(100).to_string());
+    let envoy = Envoy::start(&config).await.expect("envoy starts");
+    envoy
+        .wait_ecds_version("1", WAIT)
+        .await
+        .expect("version 1 applied");
+    let token_now = |n: usize| {
+        let envoy = &envoy;
+        let shadow = &shadow;
+        async move {
+            send(envoy, "GET", "/", &[], Vec::new()).await;
+            assert_eq!(shadow.wait_for(n, WAIT).await, n);
+            assert_copy_token(
+                shadow.requests()[n - 1]
+                    .header("x-meshcanary-shadow")
+                    .as_deref(),
+            )
+        }
+    };
+    let first = token_now(1).await;
+    assert_eq!(token_now(2).await, first, "one token per policy");
+
+    write_ecds(&ecds, "2", &policy(99).to_string());
+    envoy
+        .wait_ecds_version("2", WAIT)
+        .await
+        .expect("version 2 applied");
+    // 99 %: sampling may skip a request; send until a copy arrives.
+    let mut second = None;
+    for n in 3..20 {
+        send(&envoy, "GET", "/", &[], Vec::new()).await;
+        if shadow.wait_for(n, Duration::from_millis(500)).await >= n {
+            second = Some(assert_copy_token(
+                shadow.requests()[n - 1]
+                    .header("x-meshcanary-shadow")
+                    .as_deref(),
+            ));
+            break;
+        }
+    }
+    let second = second.expect("a copy under the new policy");
+    assert_ne!(second, first, "a new policy, a new token");
+
+    // The old token is now just another forged marker: counted as live.
+    let forged_before = envoy.counter(&stat("forged_marker")).await;
+    send(
+        &envoy,
+        "GET",
+        "/",
+        &[("x-meshcanary-shadow", &first)],
+        Vec::new(),
+    )
+    .await;
+    envoy
+        .wait_counter(&stat("forged_marker"), WAIT, |v| v == forged_before + 1)
+        .await;
+    assert_eq!(
+        envoy.counter(&stat("forged_marker")).await,
+        forged_before + 1
+    );
+    let marked_before = envoy.counter(&stat("skipped.marked")).await;
+    send(
+        &envoy,
+        "GET",
+        "/",
+        &[("x-meshcanary-shadow", &second)],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        envoy
+            .wait_counter(&stat("skipped.marked"), WAIT, |v| v == marked_before + 1)
+            .await,
+        marked_before + 1
+    );
+    assert_no_wasm_failure(&envoy.log());
 }

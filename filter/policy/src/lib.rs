@@ -21,6 +21,6 @@ pub mod walk;
 pub use bucket::HashKind;
 pub use decide::{Decision, Placement, RequestInputs};
 pub use error::{ConfigError, ConfigErrors};
-pub use mirror::{Compare, Mirror, MirrorChoice, SkipReason};
+pub use mirror::{Compare, Marker, Mirror, MirrorChoice, SkipReason};
 pub use policy::{Action, Condition, MissingKey, Policy, Rule, Split, SplitKey, Subject, Test};
 pub use walk::Walker;

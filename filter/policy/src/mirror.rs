@@ -76,7 +76,8 @@ pub struct Mirror {
     pub methods: Vec<String>,
     /// Lower-case headers removed from copies: the credentials plus `strip_headers`.
     pub strip_headers: Vec<String>,
-    /// Lower-case header set to `1` on every copy; requests carrying it are never copied.
+    /// Lower-case header set on every copy to the proxy's copy token; requests carrying it
+    /// with that token are never copied and never counted as live.
     pub marker_header: String,
     /// Appended to the host part of `:authority`; `None` keeps it unchanged.
     pub authority_suffix: Option<String>,
@@ -107,10 +108,25 @@ pub enum MirrorChoice {
     NotEligible,
 }
 
+/// What a request's marker header says about it, checked against the token this proxy
+/// puts on its copies (see [`Mirror::marker`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Marker {
+    /// No marker header: live traffic.
+    Absent,
+    /// The marker with this proxy's copy token: one of its own copies, never counted as
+    /// live and never copied again.
+    Genuine,
+    /// A marker header with any other value: sent by a client (or a copy of a policy that
+    /// is gone). Counted as live traffic like any request — a marker anyone can set must not
+    /// hide requests from the analysis — and counted as forged.
+    Forged,
+}
+
 /// Why an eligible request was not copied. The host layer adds its own reasons.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SkipReason {
-    /// The request is itself a copy (it carries the marker): never copied again.
+    /// The request is itself a copy (it carries the genuine marker): never copied again.
     Marked,
     /// Its method is not in `methods`.
     Method,
@@ -119,19 +135,25 @@ pub enum SkipReason {
 }
 
 impl Mirror {
-    /// True when the request carries the marker header, i.e. it is a copy.
-    pub fn is_copy<R: RequestInputs + ?Sized>(&self, request: &R) -> bool {
-        request.input(self.marker_input).is_some()
+    /// Whether the request carries the marker header, and with which value: only
+    /// `copy_token`, the value this proxy puts on its own copies, makes it a copy. An empty
+    /// token matches nothing.
+    pub fn marker<R: RequestInputs + ?Sized>(&self, request: &R, copy_token: &[u8]) -> Marker {
+        match request.input(self.marker_input) {
+            None => Marker::Absent,
+            Some(value) if !copy_token.is_empty() && value == copy_token => Marker::Genuine,
+            Some(_) => Marker::Forged,
+        }
     }
 
-    /// Decides whether this request is copied. `random` is called only when sampling
-    /// needs a draw (no sticky key, and 0 % < percent < 100 %).
-    pub fn choose<R, F>(&self, request: &R, random: F) -> MirrorChoice
+    /// Decides whether this request is copied, given its [`Mirror::marker`]. `random` is
+    /// called only when sampling needs a draw (no sticky key, and 0 % < percent < 100 %).
+    pub fn choose<R, F>(&self, request: &R, marker: Marker, random: F) -> MirrorChoice
     where
         R: RequestInputs + ?Sized,
         F: FnOnce() -> u64,
     {
-        if self.is_copy(request) {
+        if marker == Marker::Genuine {
             return MirrorChoice::Skip(SkipReason::Marked);
         }
         if !self.when.iter().all(|c| c.matches(request)) {
@@ -555,17 +577,22 @@ mod tests {
     fn marked_requests_are_never_copied_and_methods_are_checked() {
         let m = mirror(None);
         let get: Vec<Option<&[u8]>> = vec![Some(b"GET"), None];
-        let marked: Vec<Option<&[u8]>> = vec![Some(b"GET"), Some(b"1")];
+        let marked: Vec<Option<&[u8]>> = vec![Some(b"GET"), Some(b"token")];
+        let forged: Vec<Option<&[u8]>> = vec![Some(b"GET"), Some(b"1")];
         let post: Vec<Option<&[u8]>> = vec![Some(b"POST"), None];
-        assert_eq!(m.choose(&get, || 0), MirrorChoice::Send);
+        let choose = |r: &Vec<Option<&[u8]>>| m.choose(r, m.marker(r, b"token"), || 0);
+        assert_eq!(m.marker(&get, b"token"), Marker::Absent);
+        assert_eq!(choose(&get), MirrorChoice::Send);
+        assert_eq!(m.marker(&marked, b"token"), Marker::Genuine);
+        assert_eq!(choose(&marked), MirrorChoice::Skip(SkipReason::Marked));
+        assert_eq!(m.marker(&forged, b"token"), Marker::Forged);
         assert_eq!(
-            m.choose(&marked, || 0),
-            MirrorChoice::Skip(SkipReason::Marked)
+            choose(&forged),
+            MirrorChoice::Send,
+            "a forged marker is live"
         );
-        assert_eq!(
-            m.choose(&post, || 0),
-            MirrorChoice::Skip(SkipReason::Method)
-        );
+        assert_eq!(m.marker(&marked, b""), Marker::Forged, "no token, no copy");
+        assert_eq!(choose(&post), MirrorChoice::Skip(SkipReason::Method));
     }
 
     #[test]
@@ -574,13 +601,13 @@ mod tests {
         let get: Vec<Option<&[u8]>> = vec![Some(b"GET"), None];
         m.percent_ppm = 0;
         assert_eq!(
-            m.choose(&get, || panic!("no draw at 0 %")),
+            m.choose(&get, Marker::Absent, || panic!("no draw at 0 %")),
             MirrorChoice::Skip(SkipReason::SampledOut)
         );
         m.percent_ppm = 500_000;
-        assert_eq!(m.choose(&get, || 0), MirrorChoice::Send);
+        assert_eq!(m.choose(&get, Marker::Absent, || 0), MirrorChoice::Send);
         assert_eq!(
-            m.choose(&get, || u64::MAX),
+            m.choose(&get, Marker::Absent, || u64::MAX),
             MirrorChoice::Skip(SkipReason::SampledOut)
         );
     }

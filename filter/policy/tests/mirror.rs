@@ -18,7 +18,7 @@ use std::cell::Cell;
 use meshcanary_policy::bucket::fmix64;
 use meshcanary_policy::mirror::{BodyDigest, ALWAYS_STRIPPED};
 use meshcanary_policy::{
-    Compare, Condition, Mirror, MirrorChoice, Policy, SkipReason, SplitKey, Subject, Test,
+    Compare, Condition, Marker, Mirror, MirrorChoice, Policy, SkipReason, SplitKey, Subject, Test,
 };
 
 /// The `mirror` section from issue 3's contract section, verbatim.
@@ -137,9 +137,15 @@ fn counted(calls: &Cell<u32>, value: u64) -> impl FnOnce() -> u64 + '_ {
     }
 }
 
-/// Chooses for a request with these headers, without a random draw.
+/// The copy token the tests' proxy puts on its copies.
+const TOKEN: &str = "3f9a1c0d5e7b2468a1b2c3d4e5f60718";
+
+/// Chooses for a request with these headers (its marker checked against [`TOKEN`]),
+/// without a random draw.
 fn choice(policy: &Policy, headers: &[(&str, &str)]) -> MirrorChoice {
-    mirror_of(policy).choose(&request(policy, headers), no_draw)
+    let m = mirror_of(policy);
+    let req = request(policy, headers);
+    m.choose(&req, m.marker(&req, TOKEN.as_bytes()), no_draw)
 }
 
 const SEND: MirrorChoice = MirrorChoice::Send;
@@ -829,40 +835,91 @@ fn mirror_problems_are_reported_with_the_rest_of_the_policy() {
 fn a_marked_request_is_skipped_before_anything_else() {
     let policy = parse(&with_mirror(CONTRACT_MIRROR));
     let m = mirror_of(&policy);
-    // The marker wins even when `when` fails and the method is not listed; any value,
-    // even an empty one, counts as present.
+    // The genuine marker wins even when `when` fails and the method is not listed.
     for headers in [
         &[
             (":method", "GET"),
             ("x-plan", "free"),
-            ("x-meshcanary-shadow", "1"),
+            ("x-meshcanary-shadow", TOKEN),
         ][..],
         &[
             (":method", "GET"),
             ("x-plan", "paid"),
-            ("x-meshcanary-shadow", "1"),
+            ("x-meshcanary-shadow", TOKEN),
         ][..],
-        &[(":method", "POST"), ("x-meshcanary-shadow", "0")][..],
-        &[("X-MeshCanary-Shadow", "")][..],
+        &[(":method", "POST"), ("x-meshcanary-shadow", TOKEN)][..],
+        &[("X-MeshCanary-Shadow", TOKEN)][..],
     ] {
         let req = request(&policy, headers);
-        assert!(m.is_copy(&req), "{:?}", headers);
-        assert_eq!(m.choose(&req, no_draw), MARKED, "{:?}", headers);
+        assert_eq!(
+            m.marker(&req, TOKEN.as_bytes()),
+            Marker::Genuine,
+            "{:?}",
+            headers
+        );
+        assert_eq!(choice(&policy, headers), MARKED, "{:?}", headers);
     }
     let req = request(&policy, &[(":method", "GET"), ("x-plan", "free")]);
-    assert!(!m.is_copy(&req));
-    assert_eq!(m.choose(&req, no_draw), SEND);
+    assert_eq!(m.marker(&req, TOKEN.as_bytes()), Marker::Absent);
+    assert_eq!(
+        choice(&policy, &[(":method", "GET"), ("x-plan", "free")]),
+        SEND
+    );
 
     // A custom marker replaces the default one.
     let custom = parse(&mirror_with(r#""marker_header": "X-Dry-Run""#));
     assert_eq!(
-        choice(&custom, &[(":method", "GET"), ("x-dry-run", "1")]),
+        choice(&custom, &[(":method", "GET"), ("x-dry-run", TOKEN)]),
         MARKED
     );
     assert_eq!(
-        choice(&custom, &[(":method", "GET"), ("x-meshcanary-shadow", "1")]),
+        choice(
+            &custom,
+            &[(":method", "GET"), ("x-meshcanary-shadow", TOKEN)]
+        ),
         SEND
     );
+}
+
+#[test]
+fn a_forged_marker_is_live_traffic() {
+    let policy = parse(&with_mirror(CONTRACT_MIRROR));
+    let m = mirror_of(&policy);
+    // Any value but the token — what a client would guess, a token of another proxy or of
+    // an earlier policy, a prefix of it, an empty value — is forged: the request is chosen
+    // like any live one.
+    let prefix = &TOKEN[..31];
+    let longer = format!("{TOKEN}0");
+    let upper = TOKEN.to_ascii_uppercase();
+    for (value, plan, method, expected) in [
+        ("1", "free", "GET", SEND),
+        ("", "free", "GET", SEND),
+        (prefix, "free", "GET", SEND),
+        (longer.as_str(), "free", "GET", SEND),
+        (upper.as_str(), "free", "GET", SEND),
+        ("1", "paid", "GET", MirrorChoice::NotEligible),
+        ("1", "free", "POST", MirrorChoice::Skip(SkipReason::Method)),
+    ] {
+        let headers = [
+            (":method", method),
+            ("x-plan", plan),
+            ("x-meshcanary-shadow", value),
+        ];
+        let req = request(&policy, &headers);
+        assert_eq!(
+            m.marker(&req, TOKEN.as_bytes()),
+            Marker::Forged,
+            "{:?}",
+            value
+        );
+        assert_eq!(choice(&policy, &headers), expected, "{:?}", value);
+    }
+    // Without a token (none could be made) nothing is a copy.
+    let req = request(
+        &policy,
+        &[(":method", "GET"), ("x-meshcanary-shadow", TOKEN)],
+    );
+    assert_eq!(m.marker(&req, b""), Marker::Forged);
 }
 
 #[test]
@@ -995,9 +1052,14 @@ fn without_a_key_sampling_draws_once_per_request() {
         let m = mirror_of(policy);
         let req = request(policy, headers);
         let calls = Cell::new(0);
-        assert_eq!(m.choose(&req, counted(&calls, 0)), SEND, "{:?}", headers);
         assert_eq!(
-            m.choose(&req, counted(&calls, u64::MAX)),
+            m.choose(&req, Marker::Absent, counted(&calls, 0)),
+            SEND,
+            "{:?}",
+            headers
+        );
+        assert_eq!(
+            m.choose(&req, Marker::Absent, counted(&calls, u64::MAX)),
             SAMPLED_OUT,
             "{:?}",
             headers
@@ -1010,14 +1072,14 @@ fn without_a_key_sampling_draws_once_per_request() {
     let req = request(&unkeyed, &[(":method", "GET")]);
     let first_out = ((300_000u128 << 64) + 999_999) / 1_000_000;
     let first_out = first_out as u64;
-    assert_eq!(m.choose(&req, || first_out - 1), SEND);
-    assert_eq!(m.choose(&req, || first_out), SAMPLED_OUT);
+    assert_eq!(m.choose(&req, Marker::Absent, || first_out - 1), SEND);
+    assert_eq!(m.choose(&req, Marker::Absent, || first_out), SAMPLED_OUT);
 
     // Over many uniform draws (splitmix64), about 30 %.
     let mut state = 11u64;
     let sent = (0..20_000)
         .filter(|_| {
-            m.choose(&req, || {
+            m.choose(&req, Marker::Absent, || {
                 state = state.wrapping_add(0x9e37_79b9_7f4a_7c15);
                 fmix64(state)
             }) == SEND
@@ -1033,7 +1095,7 @@ fn mirrored_users(policy: &Policy) -> Vec<bool> {
         .map(|i| {
             let id = format!("user-{}", i);
             let req = request(policy, &[(":method", "GET"), ("x-user-id", id.as_str())]);
-            match m.choose(&req, no_draw) {
+            match m.choose(&req, Marker::Absent, no_draw) {
                 MirrorChoice::Send => true,
                 MirrorChoice::Skip(SkipReason::SampledOut) => false,
                 other => panic!("{}: unexpected {:?}", id, other),
@@ -1054,11 +1116,11 @@ fn keyed_sampling_is_sticky_per_key() {
     for user in 0..200 {
         let id = format!("user-{}", user);
         let req = request(&policy, &[(":method", "GET"), ("x-user-id", id.as_str())]);
-        let first = m.choose(&req, counted(&calls, 0));
+        let first = m.choose(&req, Marker::Absent, counted(&calls, 0));
         for i in 0..100u64 {
             let random = i.wrapping_mul(0x9e37_79b9_7f4a_7c15);
             assert_eq!(
-                m.choose(&req, counted(&calls, random)),
+                m.choose(&req, Marker::Absent, counted(&calls, random)),
                 first,
                 "{} changed on call {}",
                 id,
@@ -1143,13 +1205,14 @@ fn a_cookie_keyed_split_makes_sampling_sticky_by_the_cookie() {
     for i in 0..2_000 {
         let cookie = format!("a=b; uid={}; c=d", i);
         let req = request(&policy, &[(":method", "GET"), ("cookie", cookie.as_str())]);
-        let first = m.choose(&req, no_draw);
-        assert_eq!(m.choose(&req, no_draw), first);
+        let first = m.choose(&req, Marker::Absent, no_draw);
+        assert_eq!(m.choose(&req, Marker::Absent, no_draw), first);
         // The same key in another cookie header, or a quoted one, gives the same choice.
         let other = format!("uid=\"{}\"", i);
         assert_eq!(
             m.choose(
                 &request(&policy, &[(":method", "GET"), ("cookie", other.as_str())]),
+                Marker::Absent,
                 no_draw
             ),
             first,
@@ -1165,7 +1228,7 @@ fn a_cookie_keyed_split_makes_sampling_sticky_by_the_cookie() {
     let calls = Cell::new(0);
     for cookie in ["a=b", "uid="] {
         let req = request(&policy, &[(":method", "GET"), ("cookie", cookie)]);
-        assert_eq!(m.choose(&req, counted(&calls, 0)), SEND);
+        assert_eq!(m.choose(&req, Marker::Absent, counted(&calls, 0)), SEND);
     }
     assert_eq!(calls.get(), 2);
 }
