@@ -13,6 +13,9 @@
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
+#   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
+#                  a policy update a second and a misbehaving shadow: no failed request,
+#                  no memory growth, every request and copy counted (target/soak/report.json)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
@@ -45,12 +48,12 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke soak-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -143,6 +146,21 @@ clean:
 demo: toolchain venv wasm
 	$(CARGO) build --locked -p meshcanary -p meshcanary-e2e --bins
 	./target/debug/meshcanary-demo
+
+## --- soak ------------------------------------------------------------------
+
+SOAK_SECONDS ?= 600
+
+# tests/src/bin/meshcanary-soak.rs: Envoy (2 workers) + the filter + wrk, bounded by
+# SOAK_SECONDS; exit 1 when a check fails.
+soak: toolchain venv wrk wasm
+	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-soak
+	./target/release/meshcanary-soak --seconds $(SOAK_SECONDS)
+
+# The same checks in 60 seconds (part of make test).
+soak-smoke: toolchain venv wrk wasm
+	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-soak
+	./target/debug/meshcanary-soak --seconds 60 --out target/soak/smoke.json
 
 ## --- bench -----------------------------------------------------------------
 

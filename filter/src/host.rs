@@ -70,6 +70,7 @@ mod ffi {
             return_value_size: *mut usize,
             return_cas: *mut u32,
         ) -> u32;
+        pub fn proxy_done() -> u32;
         pub fn proxy_set_shared_data(
             key_data: *const u8,
             key_size: usize,
@@ -78,6 +79,13 @@ mod ffi {
             cas: u32,
         ) -> u32;
     }
+}
+
+/// Tells the host that the current root context, which returned `false` from `on_done`,
+/// has finished its work and may be deleted; false when the host refused.
+pub fn done() -> bool {
+    // SAFETY: no arguments; the host acts on the current context.
+    unsafe { ffi::proxy_done() == ffi::STATUS_OK }
 }
 
 /// Removes a request header (every value of it); false when the host refused.

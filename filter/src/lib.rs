@@ -85,13 +85,40 @@ fn vm_seed() -> u64 {
 #[derive(Default)]
 struct PolicyRoot {
     configured: Option<Rc<Configured>>,
+    /// Envoy asked this root to finish (a newer configuration replaced it) while copies
+    /// were still on their way: it goes once they are answered.
+    finishing: bool,
+}
+
+impl PolicyRoot {
+    fn shadow(&self) -> Option<&Shadow> {
+        self.configured.as_ref().and_then(|c| c.shadow.as_ref())
+    }
+
+    /// A finishing root whose last copy was answered tells Envoy it may go.
+    fn finish_if_idle(&mut self) {
+        if self.finishing && self.shadow().map_or(true, Shadow::idle) {
+            self.finishing = false;
+            metrics::flush();
+            if !host::done() {
+                log::warn!("meshcanary: the host refused proxy_done for a finished root");
+            }
+        }
+    }
 }
 
 impl Context for PolicyRoot {
     fn on_done(&mut self) -> bool {
-        // The root is going away (its VM with it): what was counted must not be lost.
+        // The root is going away: what was counted must not be lost.
         metrics::flush();
-        true
+        // Copies still queued or in flight would be cut off with it, uncounted (Envoy
+        // cancels a context's calls when it deletes it): stay until they are answered.
+        // Each has a timeout, so this ends.
+        if self.shadow().map_or(true, Shadow::idle) {
+            return true;
+        }
+        self.finishing = true;
+        false
     }
 
     fn on_http_call_response(
@@ -101,9 +128,10 @@ impl Context for PolicyRoot {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        if let Some(shadow) = self.configured.as_ref().and_then(|c| c.shadow.as_ref()) {
+        if let Some(shadow) = self.shadow() {
             shadow.on_response(token_id, num_headers, body_size);
         }
+        self.finish_if_idle();
     }
 }
 
@@ -178,9 +206,10 @@ impl RootContext for PolicyRoot {
     }
 
     fn on_queue_ready(&mut self, queue_id: u32) {
-        if let Some(shadow) = self.configured.as_ref().and_then(|c| c.shadow.as_ref()) {
+        if let Some(shadow) = self.shadow() {
             shadow.dispatch_ready(queue_id);
         }
+        self.finish_if_idle();
     }
 
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {

@@ -7,6 +7,14 @@
 //! the root through a shared queue registered by that root; the root dispatches, owns
 //! the call, and receives the shadow's response whenever it comes. The primary never
 //! waits for any of it: every stream callback returns `Continue`.
+//!
+//! A policy update gives the worker a new root (and a new `Shadow`) while the old one may
+//! still have copies queued or in flight. The old root then stays until they are answered
+//! (`on_done` returns false until [`Shadow::idle`]; see `lib.rs`), so no copy is cut off
+//! and none goes uncounted; `max_in_flight` counts the copies of every root of the worker
+//! together ([`IN_FLIGHT`]); and a wake-up queue whose root is gone is handed to the next
+//! `Shadow` ([`FREE_QUEUES`]) instead of a new one being registered with every update
+//! (Envoy keeps every queue ever registered).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
@@ -159,6 +167,19 @@ pub fn copy_token(
     fresh()
 }
 
+thread_local! {
+    /// Copies being built, ready or in flight on this worker, across every root it has
+    /// (old roots finishing their copies included): what `max_in_flight` bounds.
+    // (Clippy 1.63 mistakes the macro's expansion for an interior-mutable `const`.)
+    #[allow(clippy::declare_interior_mutable_const)]
+    static IN_FLIGHT: Cell<u32> = const { Cell::new(0) };
+    /// Names of wake-up queues registered by this worker whose root is gone: re-registering
+    /// a name makes the current root its owner, so updates reuse queues rather than add one
+    /// each.
+    #[allow(clippy::declare_interior_mutable_const)]
+    static FREE_QUEUES: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
+}
+
 /// Shadowing state of one configured policy on one worker.
 pub struct Shadow {
     /// The policy's `mirror` section.
@@ -170,7 +191,9 @@ pub struct Shadow {
     /// The root's wake-up queue; `None` when it could not be registered (copies are
     /// then counted as failed rather than sent from a stream that may vanish).
     queue: Option<u32>,
-    /// Copies being built, ready or in flight: bounded by `max_in_flight`.
+    /// The queue's name, handed back to [`FREE_QUEUES`] when this `Shadow` goes.
+    queue_name: String,
+    /// This root's share of [`IN_FLIGHT`] (so that it can tell when it has none left).
     in_flight: Cell<u32>,
     ready: RefCell<VecDeque<ReadyCopy>>,
     calls: RefCell<HashMap<u32, Call>>,
@@ -180,9 +203,13 @@ pub struct Shadow {
 
 impl Shadow {
     /// Defines the metrics and registers this root's wake-up queue under a name no other
-    /// worker uses (shared-queue names are global to the VM id).
+    /// worker uses (shared-queue names are global to the VM id): one this worker used
+    /// before whose root is gone, or a new one made from `unique`.
     pub fn new(policy: &str, mirror: Mirror, unique: u64, copy_token: String) -> Shadow {
-        let queue = host::register_queue(&format!("meshcanary.shadow.{:016x}", unique));
+        let queue_name = FREE_QUEUES
+            .with(|free| free.borrow_mut().pop())
+            .unwrap_or_else(|| format!("meshcanary.shadow.{:016x}", unique));
+        let queue = host::register_queue(&queue_name);
         if queue.is_none() {
             log::warn!(
                 "meshcanary: could not register the shadow queue; copies will be counted as failed"
@@ -193,6 +220,7 @@ impl Shadow {
             copy_token,
             metrics: ShadowMetrics::define(policy),
             queue,
+            queue_name,
             in_flight: Cell::new(0),
             ready: RefCell::new(VecDeque::new()),
             calls: RefCell::new(HashMap::new()),
@@ -221,7 +249,7 @@ impl Shadow {
         request: Option<&HeaderMap>,
         decision: (&str, &str),
     ) -> Option<CopyInProgress> {
-        if self.in_flight.get() >= self.mirror.max_in_flight {
+        if IN_FLIGHT.with(Cell::get) >= self.mirror.max_in_flight {
             self.skipped(Skip::InFlightLimit);
             return None;
         }
@@ -267,6 +295,7 @@ impl Shadow {
         let id = self.next_id.get().wrapping_add(1);
         self.next_id.set(id);
         self.in_flight.set(self.in_flight.get() + 1);
+        IN_FLIGHT.with(|n| n.set(n.get() + 1));
         if self.mirror.compare != Compare::Off {
             self.comparisons.borrow_mut().insert(id, Pending::default());
         }
@@ -445,6 +474,25 @@ impl Shadow {
 
     fn release(&self) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
+        IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(1)));
+    }
+
+    /// True when this root has no copy being built, waiting or in flight: an old root may
+    /// go.
+    pub fn idle(&self) -> bool {
+        self.in_flight.get() == 0
+    }
+}
+
+impl Drop for Shadow {
+    fn drop(&mut self) {
+        // Copies still counted here will never end: give their slots back.
+        let left = self.in_flight.get();
+        IN_FLIGHT.with(|n| n.set(n.get().saturating_sub(left)));
+        if self.queue.is_some() {
+            let name = std::mem::take(&mut self.queue_name);
+            FREE_QUEUES.with(|free| free.borrow_mut().push(name));
+        }
     }
 }
 
