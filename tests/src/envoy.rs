@@ -61,6 +61,10 @@ pub struct EnvoyConfig {
     pub concurrency: u32,
     /// Envoy's limit on request headers (its default is 100).
     pub max_request_headers: u32,
+    /// Accept HTTP/1.0 requests (Envoy answers them 426 by default).
+    pub accept_http_10: bool,
+    /// Envoy's limit on the size of request headers, KiB (its default is 60).
+    pub max_request_headers_kb: u32,
     /// Bootstrap `stats_flush_interval`; `None` leaves Envoy's default (5 s). Histograms in
     /// the admin output (and `/stats/prometheus`) only change at a flush, so tests that read
     /// latency histograms shorten it.
@@ -90,6 +94,8 @@ impl EnvoyConfig {
             decision_header: "x-meshcanary-variant".into(),
             concurrency: 2,
             max_request_headers: 100,
+            accept_http_10: false,
+            max_request_headers_kb: 60,
             stats_flush_interval: None,
         }
     }
@@ -162,6 +168,8 @@ impl EnvoyConfig {
                             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
                             "stat_prefix": "ingress",
                             "common_http_protocol_options": {"max_headers_count": self.max_request_headers},
+                            "http_protocol_options": {"accept_http_10": self.accept_http_10},
+                            "max_request_headers_kb": self.max_request_headers_kb,
                             "route_config": {"virtual_hosts": [{"name": "all", "domains": ["*"], "routes": routes}]},
                             "http_filters": http_filters
                         }
