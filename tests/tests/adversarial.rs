@@ -303,7 +303,7 @@ async fn hostile_traffic_during_policy_churn_never_fails_the_filter() {
             let mut version = 0u64;
             while churning.load(Ordering::Relaxed) {
                 version += 1;
-                let policy = if version % 2 == 0 {
+                let policy = if version.is_multiple_of(2) {
                     valid_policy(version)
                 } else {
                     invalid_policy(version)
