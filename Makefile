@@ -43,7 +43,7 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -120,9 +120,14 @@ e2e: venv wasm
 
 # The Istio EnvoyFilter is generated from the controller's rollout spec, so it cannot drift
 # (tests/tests/istio_manifests.rs checks it is current).
-manifests:
-	$(CARGO) build --locked -p meshcanary
+manifests: crd
 	./target/debug/meshcanary render manifests/istio/controller/rollout.yaml --sink kubernetes > manifests/istio/envoyfilter.yaml
+
+# The Rollout CRD is generated from the controller's Rust types (controller/tests/kubernetes_crd.rs
+# checks the committed file is current).
+crd:
+	$(CARGO) build --locked -p meshcanary
+	./target/debug/meshcanary crd > manifests/istio/controller/crd.yaml
 
 clean:
 	rm -rf target filter/target

@@ -10,6 +10,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod kubernetes;
 pub mod output;
 pub mod render;
 pub mod rollout;

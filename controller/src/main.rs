@@ -68,6 +68,9 @@ enum Command {
         #[arg(long, default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
     },
+    /// Print the `Rollout` CustomResourceDefinition (YAML), generated from the same types
+    /// as the spec file; `manifests/istio/controller/crd.yaml` is this output.
+    Crd,
     /// Print exactly what the sink would write for the rollout's current state.
     Render {
         /// The rollout spec.
@@ -173,6 +176,16 @@ async fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshcanary: {}", e);
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Crd => match meshcanary_controller::kubernetes::crd::crd_yaml() {
+            Ok(text) => {
+                print!("{}", text);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshcanary: cannot render the CRD: {}", e);
                 ExitCode::from(EXIT_FAILURE)
             }
         },

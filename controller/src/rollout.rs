@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::output::Output;
-use crate::render::with_canary_weight;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
 use crate::spec::RolloutSpec;
@@ -77,23 +76,12 @@ fn unix_ms() -> u64 {
 
 /// The rollout's identity, from the spec.
 pub fn rollout_id(spec: &RolloutSpec) -> RolloutId {
-    RolloutId {
-        policy: spec.policy.name.clone(),
-        split_rule: spec.split_rule.clone(),
-        canary: spec.canary.clone(),
-        revision: spec.revision.clone(),
-    }
+    spec.id()
 }
 
 /// The policy document at a canary weight.
 pub fn policy_at(spec: &RolloutSpec, weight: u32) -> Result<Value, RunError> {
-    with_canary_weight(
-        &spec.policy_document,
-        &spec.split_rule,
-        &spec.canary,
-        weight,
-    )
-    .map_err(RunError::Render)
+    spec.policy_at(weight).map_err(RunError::Render)
 }
 
 /// What the source is asked for.

@@ -104,7 +104,6 @@ use serde_json::{json, Map, Value};
 
 use super::ecds_file::wasm_filter_config_with_code;
 use super::{ConfigSink, Record, SinkError};
-use crate::rollout::{policy_at, rollout_id};
 use crate::spec::{KubernetesSpec, RolloutSpec, SinkSpec, WasmCode};
 use crate::verdict::Phase;
 
@@ -307,11 +306,11 @@ pub fn render_manifest(spec: &RolloutSpec) -> Result<String, ManifestError> {
         SinkSpec::EcdsFile(_) => return Err(ManifestError::NotKubernetes("ecds_file")),
     };
     let weight = spec.judge.steps.first().copied().unwrap_or(0);
-    let policy = policy_at(spec, weight).map_err(|e| ManifestError::Render(e.to_string()))?;
+    let policy = spec.policy_at(weight).map_err(ManifestError::Render)?;
     // A fixed clock: the same spec and policy must give the same bytes.
     let record = Record {
         applied_weight: weight,
-        ..Record::new(rollout_id(spec), Duration::ZERO)
+        ..Record::new(spec.id(), Duration::ZERO)
     };
     let contexts: Vec<&str> = kubernetes.context.iter().map(|c| c.as_str()).collect();
     let sink = Kubernetes::new(kubernetes, spec.judge.steps.clone());
