@@ -328,11 +328,13 @@ impl Fleet {
             }
         }
         let mut out = rollout_output(&self.output, key, &self.options, None);
-        out.event(
-            "invalid",
-            format!("{}: {}", key, text.replace('\n', "; ")),
-            json!({"file": key, "problems": lines}),
-        );
+        // A labelled line names the key already.
+        let message = if self.options.label_lines {
+            text.replace('\n', "; ")
+        } else {
+            format!("{}: {}", key, text.replace('\n', "; "))
+        };
+        out.event("invalid", message, json!({"file": key, "problems": lines}));
     }
 
     /// The keys the fleet knows (driven, finished or invalid).
