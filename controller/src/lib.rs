@@ -3,13 +3,15 @@
 //!
 //! The verdict is a pure function of (spec, state, observation) in [`verdict`]; metric
 //! sources ([`source`]) and config sinks ([`sink`]) sit behind small traits, and
-//! [`rollout`] ties them together one tick at a time.
+//! [`rollout`] ties them together one tick at a time; [`fleet`] runs many rollouts at
+//! once, each in its own task.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod fleet;
 pub mod kubernetes;
 pub mod output;
 pub mod render;

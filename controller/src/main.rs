@@ -9,7 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
+use meshcanary_controller::fleet::{Launcher, StopSignal};
 use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, Outcome, RunError};
 use meshcanary_controller::sink::kubernetes::{render_manifest, ManifestError};
@@ -49,9 +52,9 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
-    /// Show where a rollout stands.
+    /// Show where a rollout stands; for a folder, every rollout in it (one line each).
     Status {
-        /// The rollout spec.
+        /// The rollout spec, or a folder of specs (as `serve DIR` drives).
         spec: PathBuf,
     },
     /// Send the canary to 0 % now; a running controller stops at its next tick.
@@ -59,10 +62,11 @@ enum Command {
         /// The rollout spec.
         spec: PathBuf,
     },
-    /// Long-running controller (for a Deployment): drive the spec's rollout, start a new
-    /// one when the spec changes, serve /metrics and /healthz; SIGTERM saves and exits.
+    /// Long-running controller (for a Deployment): drive the spec's rollout (or every
+    /// spec's in a folder, concurrently), start a new one when a spec changes, serve
+    /// /metrics and /healthz; SIGTERM saves and exits.
     Serve {
-        /// The rollout spec.
+        /// The rollout spec, or a folder of `*.yaml` / `*.yml` specs.
         spec: PathBuf,
         /// Address for /metrics and /healthz.
         #[arg(long, default_value = "0.0.0.0:9464")]
@@ -150,6 +154,25 @@ pub(crate) fn sink(spec: &RolloutSpec) -> AnySink {
     AnySink::new(spec)
 }
 
+/// How `serve` drives one rollout of its fleet: the spec's own source and sink.
+/// `supersede`: a new revision replaces an unfinished record of an earlier one
+/// ([`rollout::run_release`], `serve DIR`) instead of being refused ([`rollout::run`]).
+pub(crate) fn launcher(supersede: bool) -> Launcher {
+    Arc::new(
+        move |spec: RolloutSpec, mut out: Output, stop: StopSignal| {
+            Box::pin(async move {
+                let source = source(&spec);
+                let sink = sink(&spec);
+                if supersede {
+                    rollout::run_release(&spec, &source, &sink, &mut out, stop.stopped()).await
+                } else {
+                    rollout::run(&spec, &source, &sink, &mut out, stop.stopped()).await
+                }
+            })
+        },
+    )
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -189,6 +212,7 @@ async fn main() -> ExitCode {
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::Status { spec } if spec.is_dir() => status_dir(&spec, &mut out).await,
         Command::Status { spec } => with_spec(&spec, &mut out, status).await,
         Command::Abort { spec } => with_spec(&spec, &mut out, abort).await,
         Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
@@ -316,6 +340,124 @@ async fn status(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
             report_error(&RunError::Sink(e), out);
             ExitCode::from(EXIT_FAILURE)
         }
+    }
+}
+
+/// `status DIR`: one line (one JSON object) per spec in the folder, invalid ones with
+/// their problems. Exit 0 when the folder could be read, whatever the rollouts' states;
+/// 1 when it could not.
+async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
+    let specs = match serve::read_folder(dir) {
+        Ok(specs) => specs,
+        Err(e) => {
+            eprintln!("meshcanary: cannot read {}: {}", dir.display(), e);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if specs.is_empty() {
+        out.event(
+            "status",
+            format!("{}: no rollout specs (*.yaml, *.yml)", dir.display()),
+            json!({"dir": dir, "rollouts": 0}),
+        );
+    }
+    for (file, loaded) in specs {
+        let spec = match loaded {
+            Ok(spec) => spec,
+            Err(errors) => {
+                let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                out.event(
+                    "status",
+                    format!("{}: invalid: {}", file, problems.join("; ")),
+                    json!({"file": file, "phase": "invalid", "problems": problems}),
+                );
+                continue;
+            }
+        };
+        let sink = sink(&spec);
+        match sink.load().await {
+            Ok(Some(record)) => {
+                let steps = &spec.judge.steps;
+                let aborted = sink.abort_marked().await.unwrap_or(false);
+                let weight = record.state.current_weight(steps);
+                let verdict = last_verdict(&record.state);
+                let age_s = rollout::now()
+                    .as_millis()
+                    .saturating_sub(u128::from(record.updated_unix_ms))
+                    as f64
+                    / 1000.0;
+                let stale = record.rollout.revision != spec.revision;
+                out.event(
+                    "status",
+                    format!(
+                        "{}: phase {:?}{}{}, step {} of {}, canary at {} %; last verdict {}: {} ({:.0} s ago)",
+                        file,
+                        record.state.phase,
+                        if aborted { " (abort requested)" } else { "" },
+                        if stale { " (record of an earlier revision)" } else { "" },
+                        record.state.step + 1,
+                        steps.len(),
+                        weight,
+                        verdict,
+                        record.state.reason,
+                        age_s
+                    ),
+                    json!({
+                        "file": file,
+                        "phase": phase_name(&record.state.phase),
+                        "step": record.state.step,
+                        "steps": steps.len(),
+                        "canary_weight": weight,
+                        "last_verdict": verdict,
+                        "reason": record.state.reason,
+                        "updated_unix_ms": record.updated_unix_ms,
+                        "abort_requested": aborted,
+                        "revision": spec.revision,
+                        "record_revision": record.rollout.revision,
+                    }),
+                );
+            }
+            Ok(None) => out.event(
+                "status",
+                format!("{}: not started", file),
+                json!({"file": file, "phase": "not_started"}),
+            ),
+            Err(e) => out.event(
+                "status",
+                format!("{}: cannot read its record: {}", file, e),
+                json!({"file": file, "phase": "unknown", "error": e.to_string()}),
+            ),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The phase as one word, for `status DIR --output json`.
+fn phase_name(phase: &meshcanary_controller::verdict::Phase) -> &'static str {
+    use meshcanary_controller::verdict::Phase;
+    match phase {
+        Phase::Progressing => "progressing",
+        Phase::Promoted => "promoted",
+        Phase::RolledBack { .. } => "rolled_back",
+        Phase::Aborted => "aborted",
+    }
+}
+
+/// The kind of the last verdict, from the saved state: the record keeps the phase and
+/// the last verdict's reason in words, and a promotion's reason says "step … passed".
+fn last_verdict(state: &meshcanary_controller::verdict::State) -> &'static str {
+    use meshcanary_controller::verdict::Phase;
+    match &state.phase {
+        Phase::Promoted => "complete",
+        Phase::RolledBack { .. } => "rollback",
+        Phase::Aborted => "aborted",
+        Phase::Progressing if state.reason.is_empty() => "none",
+        Phase::Progressing
+            if state.reason.starts_with("step ") && state.reason.contains(" passed") =>
+        {
+            "promote"
+        }
+        Phase::Progressing => "hold",
     }
 }
 

@@ -126,12 +126,49 @@ pub fn observation(spec: &RolloutSpec, at: Duration, snapshot: Option<&Snapshot>
 }
 
 /// Drives a rollout to its end. `stop` resolves when the process is asked to stop.
+///
+/// A saved record of an earlier revision of the same rollout that has not finished is
+/// refused ([`RunError::OtherRollout`]): see [`run_release`] for the rule of a controller
+/// that watches its specs change.
 pub async fn run<S, K>(
     spec: &RolloutSpec,
     source: &S,
     sink: &K,
     out: &mut Output,
     stop: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    drive(spec, source, sink, out, stop, false).await
+}
+
+/// Like [`run`], for a controller that drives whatever revision its spec has now
+/// (`serve DIR`): a saved, unfinished record of an earlier revision of the same rollout
+/// (same policy, rule and canary) is superseded — this revision is a new release and
+/// starts at its first step, as a finished one's would.
+pub async fn run_release<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    drive(spec, source, sink, out, stop, true).await
+}
+
+async fn drive<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+    supersede: bool,
 ) -> Result<Outcome, RunError>
 where
     S: MetricSource,
@@ -147,6 +184,23 @@ where
                 && record.rollout.same_target(&id)
                 && finished(&record).is_some() =>
         {
+            None
+        }
+        Some(record)
+            if supersede
+                && record.rollout.revision != id.revision
+                && record.rollout.same_target(&id) =>
+        {
+            out.event(
+                "superseded",
+                format!(
+                    "revision {} replaces revision {} at step {}: a new release starts",
+                    id.revision,
+                    record.rollout.revision,
+                    record.state.step + 1
+                ),
+                json!({"revision": id.revision, "previous_revision": record.rollout.revision, "previous_step": record.state.step}),
+            );
             None
         }
         other => other,
