@@ -66,8 +66,23 @@ enum Command {
     /// spec's in a folder, concurrently), start a new one when a spec changes, serve
     /// /metrics and /healthz; SIGTERM saves and exits.
     Serve {
-        /// The rollout spec, or a folder of `*.yaml` / `*.yml` specs.
-        spec: PathBuf,
+        /// The rollout spec, or a folder of `*.yaml` / `*.yml` specs (not with --kubernetes).
+        #[arg(required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        spec: Option<PathBuf>,
+        /// Drive every `Rollout` resource (meshcanary.io/v1alpha1) instead of spec files:
+        /// in-cluster, one controller-wide Lease (leader election), status and Events on
+        /// each Rollout.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: only Rollouts in this namespace (default: every namespace).
+        #[arg(long, requires = "kubernetes")]
+        namespace: Option<String>,
+        /// With --kubernetes: the namespace of the controller's Lease (default: the pod's).
+        #[arg(long, requires = "kubernetes")]
+        lease_namespace: Option<String>,
+        /// With --kubernetes: the name of the controller's Lease.
+        #[arg(long, requires = "kubernetes", default_value = "meshcanary-controller")]
+        lease_name: String,
         /// Address for /metrics and /healthz.
         #[arg(long, default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
@@ -195,7 +210,35 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => validate(&file, &mut out),
         Command::Run { spec } => with_spec(&spec, &mut out, run).await,
-        Command::Serve { spec, listen } => match serve::serve(&spec, listen, out).await {
+        Command::Serve {
+            kubernetes: true,
+            namespace,
+            lease_namespace,
+            lease_name,
+            listen,
+            ..
+        } => {
+            let lease = serve::LeaseAt {
+                namespace: lease_namespace,
+                name: lease_name,
+            };
+            match serve::serve_kubernetes(namespace, lease, listen, out).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshcanary: {}", e);
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Serve { spec: None, .. } => {
+            eprintln!("meshcanary: serve needs a SPEC (file or folder) or --kubernetes");
+            ExitCode::from(EXIT_INVALID)
+        }
+        Command::Serve {
+            spec: Some(spec),
+            listen,
+            ..
+        } => match serve::serve(&spec, listen, out).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshcanary: {}", e);

@@ -332,6 +332,125 @@ pub async fn serve(path: &Path, listen: SocketAddr, out: Output) -> Result<(), S
     Ok(())
 }
 
+/// Where `serve --kubernetes` takes its controller-wide Lease.
+pub struct LeaseAt {
+    /// The Lease's namespace; `None`: the client's default (in-cluster: the pod's).
+    pub namespace: Option<String>,
+    /// The Lease's name.
+    pub name: String,
+}
+
+/// `serve --kubernetes`: every Rollout (in `namespace`, or in all namespaces), each in
+/// its own task, while this replica holds the controller's Lease. A standby replica
+/// serves /healthz and waits for the Lease. Losing the Lease stops every rollout (each
+/// saves its record) and exits with an error, so the pod restarts as a standby.
+pub async fn serve_kubernetes(
+    namespace: Option<String>,
+    lease: LeaseAt,
+    listen: SocketAddr,
+    out: Output,
+) -> Result<(), String> {
+    use meshcanary_controller::kubernetes::lease;
+    use meshcanary_controller::kubernetes::watch::{RolloutSinks, RolloutWatch};
+    use meshcanary_controller::rollout::{self, RunError};
+    use meshcanary_controller::sink::kubernetes::{prepare_tls, Options};
+    use meshcanary_controller::sink::SinkError;
+
+    let metrics = Arc::new(Metrics::new(true));
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {}", listen, e))?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(http_server(listener, Arc::clone(&metrics), stop_rx.clone()));
+    tokio::spawn(async move {
+        crate::shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    prepare_tls();
+    let client = kube::Client::try_default().await.map_err(|e| {
+        format!(
+            "no Kubernetes configuration (in-cluster, KUBECONFIG, ~/.kube/config): {}",
+            e
+        )
+    })?;
+    let lease_namespace = lease
+        .namespace
+        .unwrap_or_else(|| client.default_namespace().to_string());
+    let mut out = out;
+    out.event(
+        "serve",
+        format!(
+            "serving /metrics and /healthz on {}; Rollouts in {}; waiting for Lease {}/{}",
+            listen,
+            namespace.as_deref().unwrap_or("every namespace"),
+            lease_namespace,
+            lease.name
+        ),
+        json!({"listen": listen.to_string(), "namespace": namespace, "lease": format!("{}/{}", lease_namespace, lease.name)}),
+    );
+    let options = Options::default();
+    let acquired = tokio::select! {
+        leader = lease::acquire(client.clone(), &lease_namespace, &lease.name, &options) => leader,
+        _ = wait_for_stop(stop_rx.clone()) => return Ok(()),
+    };
+    let leader = acquired.map_err(|e| e.to_string())?;
+    out.event(
+        "leader",
+        format!(
+            "holding Lease {}/{} as {}: driving Rollouts",
+            lease_namespace,
+            lease.name,
+            leader.identity()
+        ),
+        json!({"identity": leader.identity()}),
+    );
+    let recorder = kube::runtime::events::Recorder::new(
+        client.clone(),
+        kube::runtime::events::Reporter {
+            controller: "meshcanary".to_string(),
+            instance: Some(leader.identity()),
+        },
+    );
+    let sinks = RolloutSinks::new(client, leader, recorder);
+    let launcher_sinks = sinks.clone();
+    let launcher: meshcanary_controller::fleet::Launcher = Arc::new(
+        move |spec: RolloutSpec,
+              mut out: Output,
+              stop: meshcanary_controller::fleet::StopSignal| {
+            let sink = launcher_sinks.sink_for(&spec);
+            Box::pin(async move {
+                let Some(sink) = sink else {
+                    return Err(RunError::Sink(SinkError::Api {
+                        request: spec.file.display().to_string(),
+                        reason: "the Rollout is no longer known to this controller".to_string(),
+                    }));
+                };
+                let source = crate::source(&spec);
+                rollout::run_release(&spec, &source, &sink, &mut out, stop.stopped()).await
+            })
+        },
+    );
+    let hook_metrics = Arc::clone(&metrics);
+    let hook: EventHook = Arc::new(move |rollout, kind, data| {
+        hook_metrics.observe(rollout, kind, data);
+    });
+    let options = FleetOptions {
+        label_lines: true,
+        hook: Some(hook),
+        ..FleetOptions::default()
+    };
+    let mut fleet = Fleet::new(launcher, &out, options);
+    let mut rollouts = RolloutWatch::new(sinks, namespace);
+    let result = rollouts.run(&mut fleet, wait_for_stop(stop_rx)).await;
+    fleet.shutdown().await;
+    result
+}
+
+/// Resolves once a stop is asked for.
+async fn wait_for_stop(mut stop: watch::Receiver<bool>) {
+    let _ = stop.wait_for(|s| *s).await;
+}
+
 /// `serve SPEC`: a fleet of one, printing and counting exactly as a single rollout. A
 /// new revision of the spec is taken once the running rollout has ended (or failed);
 /// until then the running one goes on.
