@@ -505,6 +505,10 @@ impl ConfigSink for RolloutSink {
     }
 
     async fn set_abort_mark(&self, on: bool) -> Result<(), SinkError> {
+        if !on && !self.handle.abort_marked() {
+            // Nothing to clear (the watch keeps the flag current): no request.
+            return Ok(());
+        }
         let value = if on {
             Value::String("aborted by an operator".to_string())
         } else {

@@ -31,7 +31,8 @@ pub struct RolloutStatus {
     /// problems; see `problems`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
-    /// The step being judged (the last one judged once finished), counting from 1.
+    /// The step being judged, counting from 1 (once promoted, the last step; once rolled
+    /// back or aborted, the step it was at).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step: Option<u32>,
     /// `step/steps`, e.g. `2/4`.
@@ -171,7 +172,13 @@ pub fn from_record(
 ) -> RolloutStatus {
     let state = &record.state;
     let weight = state.current_weight(steps);
-    let step = u32::try_from(state.step + 1).unwrap_or(u32::MAX);
+    // Promoted: the last step (100 %) is where it stands, though the last one judged was
+    // the one before.
+    let step_number = match state.phase {
+        Phase::Promoted => steps.len(),
+        _ => state.step + 1,
+    };
+    let step = u32::try_from(step_number).unwrap_or(u32::MAX);
     let canary = json!({
         "requests": state.canary.requests,
         "errors": state.canary.errors,
