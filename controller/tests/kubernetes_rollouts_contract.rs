@@ -1119,3 +1119,60 @@ async fn one_controller_lease_a_second_replica_stands_by_and_takes_over_when_rel
         .as_i64()
         .is_some_and(|t| t >= 1));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_resumes_the_analysis_from_the_status_not_just_the_step() {
+    let api = ApiServer::start().await;
+    let mut spec = rollout_spec("canary");
+    spec["steps"] = json!([10, 50, 100]);
+    spec["step_min_duration"] = json!("1h");
+    api.world().put_rollout("checkout", spec, json!({}));
+    let first = controller(&api, "replica-a").await;
+    api.until("evidence gathered at step 1", Duration::from_secs(10), |w| {
+        w.rollouts.get("shop/checkout").is_some_and(|r| {
+            r["status"]["record"]["state"]["canary"]["requests"]
+                .as_f64()
+                .is_some_and(|n| n >= 2000.0)
+        })
+    })
+    .await;
+    first.stop().await.expect("stopped");
+    let saved = api.rollout("checkout")["status"]["record"].clone();
+    let saved_requests = saved["state"]["canary"]["requests"].as_f64().unwrap_or(0.0);
+    api.world().exchanges.clear();
+
+    // A new leader (the first released the Lease) reads the record from the status and
+    // goes on with the same evidence: the same step, the canary's count only growing,
+    // and no step re-applied from the start.
+    let second = controller(&api, "replica-b").await;
+    api.until("more evidence", Duration::from_secs(10), |w| {
+        w.rollouts.get("shop/checkout").is_some_and(|r| {
+            r["status"]["record"]["state"]["canary"]["requests"]
+                .as_f64()
+                .is_some_and(|n| n > saved_requests)
+        })
+    })
+    .await;
+    second.stop().await.expect("stopped");
+    let now = api.rollout("checkout");
+    assert_eq!(now["status"]["record"]["state"]["step"], saved["state"]["step"]);
+    assert!(!saved["state"]["started_at"].is_null(), "{saved}");
+    assert_eq!(now["status"]["record"]["state"]["started_at"], saved["state"]["started_at"]);
+    // Every status the second controller wrote carries at least the saved evidence: the
+    // analysis went on, it did not start over.
+    let written: Vec<f64> = api
+        .exchanges()
+        .iter()
+        .filter(|e| e.path.ends_with("/checkout/status"))
+        .filter_map(|e| e.body["status"]["record"]["state"]["canary"]["requests"].as_f64())
+        .collect();
+    assert!(!written.is_empty());
+    assert!(written.iter().all(|n| *n >= saved_requests), "{written:?} vs {saved_requests}");
+    assert_eq!(now["status"]["record"]["rollout"], saved["rollout"], "the same release");
+    assert_eq!(now["status"]["canaryWeight"], 10);
+    let lines: Vec<String> = api.exchanges().iter().map(Exchange::line).collect();
+    assert!(
+        lines.iter().any(|l| l == &format!("GET {}/checkout", ROLLOUTS)),
+        "the record is read from the Rollout: {lines:?}"
+    );
+}
