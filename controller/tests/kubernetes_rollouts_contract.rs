@@ -1128,13 +1128,17 @@ async fn a_restarted_controller_resumes_the_analysis_from_the_status_not_just_th
     spec["step_min_duration"] = json!("1h");
     api.world().put_rollout("checkout", spec, json!({}));
     let first = controller(&api, "replica-a").await;
-    api.until("evidence gathered at step 1", Duration::from_secs(10), |w| {
-        w.rollouts.get("shop/checkout").is_some_and(|r| {
-            r["status"]["record"]["state"]["canary"]["requests"]
-                .as_f64()
-                .is_some_and(|n| n >= 2000.0)
-        })
-    })
+    api.until(
+        "evidence gathered at step 1",
+        Duration::from_secs(10),
+        |w| {
+            w.rollouts.get("shop/checkout").is_some_and(|r| {
+                r["status"]["record"]["state"]["canary"]["requests"]
+                    .as_f64()
+                    .is_some_and(|n| n >= 2000.0)
+            })
+        },
+    )
     .await;
     first.stop().await.expect("stopped");
     let saved = api.rollout("checkout")["status"]["record"].clone();
@@ -1155,9 +1159,15 @@ async fn a_restarted_controller_resumes_the_analysis_from_the_status_not_just_th
     .await;
     second.stop().await.expect("stopped");
     let now = api.rollout("checkout");
-    assert_eq!(now["status"]["record"]["state"]["step"], saved["state"]["step"]);
+    assert_eq!(
+        now["status"]["record"]["state"]["step"],
+        saved["state"]["step"]
+    );
     assert!(!saved["state"]["started_at"].is_null(), "{saved}");
-    assert_eq!(now["status"]["record"]["state"]["started_at"], saved["state"]["started_at"]);
+    assert_eq!(
+        now["status"]["record"]["state"]["started_at"],
+        saved["state"]["started_at"]
+    );
     // Every status the second controller wrote carries at least the saved evidence: the
     // analysis went on, it did not start over.
     let written: Vec<f64> = api
@@ -1167,12 +1177,20 @@ async fn a_restarted_controller_resumes_the_analysis_from_the_status_not_just_th
         .filter_map(|e| e.body["status"]["record"]["state"]["canary"]["requests"].as_f64())
         .collect();
     assert!(!written.is_empty());
-    assert!(written.iter().all(|n| *n >= saved_requests), "{written:?} vs {saved_requests}");
-    assert_eq!(now["status"]["record"]["rollout"], saved["rollout"], "the same release");
+    assert!(
+        written.iter().all(|n| *n >= saved_requests),
+        "{written:?} vs {saved_requests}"
+    );
+    assert_eq!(
+        now["status"]["record"]["rollout"], saved["rollout"],
+        "the same release"
+    );
     assert_eq!(now["status"]["canaryWeight"], 10);
     let lines: Vec<String> = api.exchanges().iter().map(Exchange::line).collect();
     assert!(
-        lines.iter().any(|l| l == &format!("GET {}/checkout", ROLLOUTS)),
+        lines
+            .iter()
+            .any(|l| l == &format!("GET {}/checkout", ROLLOUTS)),
         "the record is read from the Rollout: {lines:?}"
     );
 }
