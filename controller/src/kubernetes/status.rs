@@ -424,7 +424,7 @@ mod tests {
         let second = from_record(&first, &[5, 100], &later, 1, "T2");
         let p = find(&second, PROGRESSING);
         assert_eq!(p.last_transition_time, "T1", "still True: time kept");
-        assert_eq!(p.message.contains("holding: 10 of 300"), true);
+        assert!(p.message.contains("holding: 10 of 300"));
         let mut done = later.clone();
         done.state.phase = Phase::Promoted;
         done.applied_weight = 100;

@@ -34,36 +34,13 @@ use serde_json::Value;
     shortname = "mcr",
     category = "meshcanary",
     doc = "A canary release driven by meshcanary: the spec is the rollout spec (the same fields as a spec file), the status says where it stands and why.",
-    printcolumn(
-        name = "Phase",
-        type_ = "string",
-        json_path = ".status.phase",
-        description = "Progressing, Promoted, RolledBack or Aborted"
-    ),
-    printcolumn(
-        name = "Canary",
-        type_ = "integer",
-        json_path = ".status.canaryWeight",
-        description = "Canary weight applied, percent"
-    ),
-    printcolumn(
-        name = "Step",
-        type_ = "string",
-        json_path = ".status.stepText",
-        description = "The step being judged, of how many"
-    ),
-    printcolumn(
-        name = "Reason",
-        type_ = "string",
-        json_path = ".status.lastVerdict.reason",
-        priority = "1",
-        description = "The last verdict's reason"
-    ),
-    printcolumn(
-        name = "Age",
-        type_ = "date",
-        json_path = ".metadata.creationTimestamp"
-    )
+    // Raw JSON (not `printcolumn(...)`): clippy reads repeated `type_ = …` in the
+    // structured form as duplicated attributes.
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Progressing, Promoted, RolledBack, Aborted or Invalid"}"#,
+    printcolumn = r#"{"name": "Canary", "type": "integer", "jsonPath": ".status.canaryWeight", "description": "Canary weight applied, percent"}"#,
+    printcolumn = r#"{"name": "Step", "type": "string", "jsonPath": ".status.stepText", "description": "The step being judged, of how many"}"#,
+    printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.lastVerdict.reason", "priority": 1, "description": "The last verdict's reason"}"#,
+    printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 pub struct RolloutDocument {
     /// The base policy. In a file: the path of its JSON file, relative to the spec's

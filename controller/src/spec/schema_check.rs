@@ -29,10 +29,8 @@ pub fn check(
         return true;
     };
     let flag = |name: &str| schema.get(name).and_then(Value::as_bool) == Some(true);
-    if value.is_null() {
-        if flag("nullable") {
-            return true;
-        }
+    if value.is_null() && flag("nullable") {
+        return true;
     }
     let mismatch = |errors: &mut ConfigErrors, expected: &str, value: &Value| {
         match wording(&generic_path(path)) {
