@@ -34,7 +34,7 @@ impl Leader {
 
 /// Waits until this process holds the Lease `namespace/name`, trying again every
 /// `options.renew_every` while another replica holds it. Fails only on an error other
-/// than "held by another" (RBAC, an unreachable API server: retried `attempts` times).
+/// than "held by another" (RBAC, an unreachable API server) five times in a row.
 pub async fn acquire(
     client: Client,
     namespace: &str,
