@@ -308,7 +308,12 @@ impl RolloutSink {
         }
         let mut record = match self.load().await? {
             Some(record) => record,
-            None => Record::new(self.spec.id(), crate::rollout::now()),
+            None => Record::new(
+                self.spec.id(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default(),
+            ),
         };
         record.state.abort();
         record.applied_weight = 0;
