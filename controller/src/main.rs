@@ -59,8 +59,14 @@ enum Command {
     },
     /// Send the canary to 0 % now; a running controller stops at its next tick.
     Abort {
-        /// The rollout spec.
-        spec: PathBuf,
+        /// The rollout spec (not with --rollout).
+        #[arg(required_unless_present = "rollout", conflicts_with = "rollout")]
+        spec: Option<PathBuf>,
+        /// A `Rollout` resource, `NAMESPACE/NAME`: sets its `meshcanary.io/abort`
+        /// annotation (kubeconfig: in-cluster, KUBECONFIG, ~/.kube/config); the controller
+        /// (`serve --kubernetes`) sends the canary to 0 % at its next tick.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        rollout: Option<String>,
     },
     /// Long-running controller (for a Deployment): drive the spec's rollout (or every
     /// spec's in a folder, concurrently), start a new one when a spec changes, serve
@@ -257,7 +263,17 @@ async fn main() -> ExitCode {
         },
         Command::Status { spec } if spec.is_dir() => status_dir(&spec, &mut out).await,
         Command::Status { spec } => with_spec(&spec, &mut out, status).await,
-        Command::Abort { spec } => with_spec(&spec, &mut out, abort).await,
+        Command::Abort {
+            rollout: Some(rollout),
+            ..
+        } => abort_rollout(&rollout, &mut out).await,
+        Command::Abort {
+            spec: Some(spec), ..
+        } => with_spec(&spec, &mut out, abort).await,
+        Command::Abort { .. } => {
+            eprintln!("meshcanary: abort needs a SPEC or --rollout NAMESPACE/NAME");
+            ExitCode::from(EXIT_INVALID)
+        }
         Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
         Command::Render {
             spec,
@@ -509,6 +525,59 @@ async fn abort(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report_error(&e, out);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `abort --rollout NAMESPACE/NAME`: the abort annotation on a Rollout, by a JSON merge
+/// patch under the abort field manager.
+async fn abort_rollout(rollout: &str, out: &mut Output) -> ExitCode {
+    use meshcanary_controller::kubernetes::crd::Rollout;
+    use meshcanary_controller::sink::kubernetes::{
+        prepare_tls, ABORT_ANNOTATION, ABORT_FIELD_MANAGER,
+    };
+    let Some((namespace, name)) = rollout.split_once('/') else {
+        eprintln!(
+            "meshcanary: --rollout {:?}: expected NAMESPACE/NAME",
+            rollout
+        );
+        return ExitCode::from(EXIT_INVALID);
+    };
+    prepare_tls();
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("meshcanary: no Kubernetes configuration: {}", e);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let api: kube::Api<Rollout> = kube::Api::namespaced(client, namespace);
+    let patch = json!({"metadata": {"annotations": {ABORT_ANNOTATION: "aborted by an operator (meshcanary abort)"}}});
+    let params = kube::api::PatchParams {
+        field_manager: Some(ABORT_FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api
+        .patch(name, &params, &kube::api::Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            out.event(
+                "abort",
+                format!(
+                    "Rollout {}/{} marked {}: the controller sends the canary to 0 % at its next tick",
+                    namespace, name, ABORT_ANNOTATION
+                ),
+                json!({"rollout": rollout}),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "meshcanary: cannot mark Rollout {}/{}: {}",
+                namespace, name, e
+            );
             ExitCode::from(EXIT_FAILURE)
         }
     }

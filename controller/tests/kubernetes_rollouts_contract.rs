@@ -1193,3 +1193,67 @@ async fn a_restarted_controller_resumes_the_analysis_from_the_status_not_just_th
         "the record is read from the Rollout: {lines:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn meshcanary_abort_rollout_is_a_merge_patch_of_the_abort_annotation() {
+    let api = ApiServer::start().await;
+    api.world()
+        .put_rollout("checkout", rollout_spec("canary"), json!({}));
+    let dir = tempfile::tempdir().expect("temp dir");
+    let kubeconfig = dir.path().join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u}}\ncurrent-context: c\n",
+            api.addr
+        ),
+    )
+    .expect("kubeconfig");
+    let run = |args: Vec<&str>| {
+        let kubeconfig = kubeconfig.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshcanary"))
+                .args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .expect("meshcanary runs")
+        })
+    };
+    let out = run(vec!["abort", "--rollout", "shop/checkout"])
+        .await
+        .expect("join");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let patches: Vec<Exchange> = api
+        .exchanges()
+        .into_iter()
+        .filter(|e| e.method == "PATCH")
+        .collect();
+    assert_eq!(patches.len(), 1);
+    assert_eq!(
+        patches[0].line(),
+        format!("PATCH {}/checkout {}", ROLLOUTS, MERGE)
+    );
+    assert_eq!(
+        query_param(&patches[0].query, "fieldManager"),
+        Some("meshcanary-abort")
+    );
+    assert!(patches[0].body["metadata"]["annotations"]["meshcanary.io/abort"].is_string());
+    assert_eq!(
+        patches[0].body.as_object().map(|o| o.len()),
+        Some(1),
+        "metadata only: {}",
+        patches[0].body
+    );
+    assert!(api.rollout("checkout")["metadata"]["annotations"]["meshcanary.io/abort"].is_string());
+    // A Rollout that does not exist: exit 1, with the API server's answer.
+    let out = run(vec!["abort", "--rollout", "shop/nope"])
+        .await
+        .expect("join");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("shop/nope"));
+}
