@@ -96,6 +96,8 @@ struct World {
     watch_plans: VecDeque<WatchPlan>,
     /// The `resourceVersion` of each LIST answered.
     list_versions: Vec<String>,
+    /// The `resourceVersion` of the last Rollout event a watch received.
+    last_delivered: u64,
 }
 
 type Shared = Arc<Mutex<World>>;
@@ -157,6 +159,12 @@ impl World {
         let line = format!("{}\n", json!({"type": kind, "object": object}));
         self.watchers
             .retain(|w| w.send(Bytes::from(line.clone())).is_ok());
+        if !self.watchers.is_empty() {
+            self.last_delivered = object["metadata"]["resourceVersion"]
+                .as_str()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+        }
     }
 
     /// Creates or changes a Rollout's spec (a new generation when the spec differs).
@@ -444,9 +452,12 @@ impl ApiServer {
         kube::Client::try_from(config).expect("client")
     }
 
-    /// Ends every open watch stream (as the API server does after `timeoutSeconds`).
-    fn end_watches(&self) {
-        self.world().watchers.clear();
+    /// Ends every open watch stream (as the API server does after `timeoutSeconds`);
+    /// returns the `resourceVersion` of the last event they received.
+    fn end_watches(&self) -> u64 {
+        let mut w = self.world();
+        w.watchers.clear();
+        w.last_delivered
     }
 
     fn rollout(&self, name: &str) -> Value {
@@ -803,8 +814,7 @@ async fn a_watch_that_ends_is_resumed_and_a_410_gone_relists_and_drops_what_the_
     assert_eq!(lists(&api), 1);
     // The API server ends the watch: a new WATCH follows, from the last resourceVersion
     // seen, without a LIST.
-    let last_rv = api.world().resource_version;
-    api.end_watches();
+    let last_rv = api.end_watches();
     api.until("a second watch", Duration::from_secs(10), |w| {
         w.exchanges
             .iter()

@@ -88,6 +88,11 @@ pub struct RolloutWatch {
     reported_invalid: HashMap<String, String>,
     /// Keys seen since the current (re)list began.
     relisted: Option<BTreeSet<String>>,
+    /// Per key, the (uid, generation) whose spec was last read: a change of status or
+    /// annotations alone (the controller's own status writes come back as MODIFIED) is
+    /// not read again, except on a relist, which rereads everything (and with it any
+    /// `policy_from` ConfigMap).
+    processed: HashMap<String, (String, i64)>,
 }
 
 impl RolloutWatch {
@@ -98,6 +103,7 @@ impl RolloutWatch {
             namespace,
             reported_invalid: HashMap::new(),
             relisted: None,
+            processed: HashMap::new(),
         }
     }
 
@@ -166,6 +172,7 @@ impl RolloutWatch {
         fleet.remove(key);
         lock(&self.sinks.handles).remove(key);
         self.reported_invalid.remove(key);
+        self.processed.remove(key);
     }
 
     async fn observe(&mut self, fleet: &mut Fleet, rollout: Rollout) {
@@ -191,6 +198,12 @@ impl RolloutWatch {
             }
         };
         handle.observe(&rollout);
+        let seen = (uid.clone(), handle.generation());
+        let relisting = self.relisted.is_some();
+        if !relisting && self.processed.get(&key) == Some(&seen) {
+            return;
+        }
+        self.processed.insert(key.clone(), seen);
         let referenced_policy = match &rollout.spec.policy_from {
             Some(from) => Some(self.referenced_policy(&namespace, from).await),
             None => None,
