@@ -2,9 +2,11 @@
 //! hold, roll back) and writes the new policy where the proxies pick it up.
 //!
 //! The verdict is a pure function of (spec, state, observation) in [`verdict`]; metric
-//! sources ([`source`]) and config sinks ([`sink`]) sit behind small traits, and
-//! [`rollout`] ties them together one tick at a time; [`fleet`] runs many rollouts at
-//! once, each in its own task.
+//! sources ([`source`]) and config sinks ([`sink`]) sit behind small traits. Three places
+//! for three questions: what happens to one rollout is [`rollout`] (one tick at a time);
+//! how many rollouts are run is [`fleet`] (each in its own task); how Kubernetes is
+//! spoken to for `Rollout` resources is [`kubernetes`]. The spec ([`spec`]) is one set of
+//! types for spec files and the `Rollout` CRD.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
