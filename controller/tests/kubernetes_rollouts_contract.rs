@@ -1270,3 +1270,53 @@ async fn meshcanary_abort_rollout_is_a_merge_patch_of_the_abort_annotation() {
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("shop/nope"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_edit_of_a_running_rollout_keeps_it_running_and_its_status_lists_the_problems() {
+    let api = ApiServer::start().await;
+    let mut spec = rollout_spec("canary");
+    spec["step_min_duration"] = json!("1h");
+    api.world().put_rollout("checkout", spec.clone(), json!({}));
+    let c = controller(&api, "replica-a").await;
+    api.until("at step 1", Duration::from_secs(10), |w| {
+        w.rollouts
+            .get("shop/checkout")
+            .is_some_and(|r| r["status"]["canaryWeight"] == 50)
+    })
+    .await;
+    spec["steps"] = json!([50, 90]);
+    api.world().put_rollout("checkout", spec, json!({}));
+    let marker = api.exchanges().len();
+    api.until(
+        "problems in a status the driver wrote",
+        Duration::from_secs(10),
+        |w| {
+            w.exchanges[marker..].iter().any(|e| {
+                e.path.ends_with("/checkout/status")
+                    && e.body["status"]["phase"] == "Progressing"
+                    && e.body["status"]["problems"][0]
+                        .as_str()
+                        .is_some_and(|p| p.starts_with("steps: the last step must be 100"))
+            })
+        },
+    )
+    .await;
+    c.stop().await.expect("stopped cleanly");
+    let applies = api
+        .exchanges()
+        .iter()
+        .filter(|e| e.path.ends_with("/envoyfilters/checkout"))
+        .count();
+    assert_eq!(
+        applies, 1,
+        "the running revision goes on at its step; nothing re-applied"
+    );
+    let events = api.world().events.clone();
+    assert_eq!(
+        events
+            .iter()
+            .filter(|e| e["reason"] == "InvalidSpec")
+            .count(),
+        1
+    );
+}

@@ -52,6 +52,9 @@ pub struct RolloutHandle {
     pub uid: String,
     generation: AtomicI64,
     abort: AtomicBool,
+    /// The problems of the Rollout's current spec while an earlier valid revision is
+    /// still driven (kept in the status the driver writes).
+    problems: Mutex<Vec<String>>,
 }
 
 impl RolloutHandle {
@@ -63,6 +66,7 @@ impl RolloutHandle {
             uid: uid.to_string(),
             generation: AtomicI64::new(0),
             abort: AtomicBool::new(false),
+            problems: Mutex::new(Vec::new()),
         }
     }
 
@@ -86,6 +90,16 @@ impl RolloutHandle {
     /// Whether the abort annotation is on the Rollout.
     pub fn abort_marked(&self) -> bool {
         self.abort.load(Ordering::SeqCst)
+    }
+
+    /// Sets (or, with an empty list, clears) the current spec's problems.
+    pub fn set_problems(&self, problems: Vec<String>) {
+        *lock(&self.problems) = problems;
+    }
+
+    /// The current spec's problems (empty when it is valid).
+    pub fn problems(&self) -> Vec<String> {
+        lock(&self.problems).clone()
     }
 
     /// `namespace/name`: the key the controller drives it under.
@@ -238,13 +252,16 @@ impl RolloutSink {
         }
         let next = {
             let previous = lock(&self.last_status);
-            status::from_record(
+            let mut next = status::from_record(
                 &previous,
                 &self.spec.judge.steps,
                 &record,
                 self.handle.generation(),
                 &now_rfc3339(),
-            )
+            );
+            // A newer spec is invalid while this revision goes on: say so.
+            next.problems = self.handle.problems();
+            next
         };
         let patch = status::merge_patch(&next);
         self.timed(

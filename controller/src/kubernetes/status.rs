@@ -53,7 +53,8 @@ pub struct RolloutStatus {
     /// `Progressing`, `Promoted` and `RolledBack`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
-    /// The spec's problems, each with its field path, when the phase is `Invalid`.
+    /// The spec's problems, each with its field path: with phase `Invalid` nothing is
+    /// driven; with another phase, an earlier valid revision is still being driven.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub problems: Vec<String>,
     /// The controller's record of the rollout (its identity, the policy version written

@@ -31,7 +31,7 @@ use serde_json::Value;
 use super::lease::Leader;
 use super::rollout_sink::{api_error, now_rfc3339, RolloutHandle, RolloutSink, REQUEST_TIMEOUT};
 use super::status::{self, RolloutStatus};
-use crate::fleet::Fleet;
+use crate::fleet::{Activity, Fleet};
 use crate::spec::document::Rollout;
 use crate::spec::{RolloutOrigin, RolloutSpec};
 
@@ -217,12 +217,21 @@ impl RolloutWatch {
         match RolloutSpec::from_rollout(&document, &origin) {
             Ok(spec) => {
                 self.reported_invalid.remove(&key);
+                handle.set_problems(Vec::new());
                 fleet.apply(&key, spec);
             }
             Err(problems) => {
                 fleet.invalid(&key, &problems);
                 let lines: Vec<String> = problems.iter().map(ToString::to_string).collect();
-                self.report_invalid(&rollout, &handle, &lines).await;
+                handle.set_problems(lines.clone());
+                // An earlier valid revision still driven writes the problems into its
+                // own status; an `Invalid` phase would say nothing is driven.
+                let driven = fleet
+                    .snapshot()
+                    .iter()
+                    .any(|v| v.key == key && v.activity == Activity::Running);
+                self.report_invalid(&rollout, &handle, &lines, !driven)
+                    .await;
             }
         }
     }
@@ -260,22 +269,24 @@ impl RolloutWatch {
             .ok_or_else(|| format!("ConfigMap {}/{} has no key {:?}", namespace, name, key))
     }
 
-    /// Writes the `Invalid` status (when it changed) and, once per distinct set of
-    /// problems, a Warning Event.
+    /// Writes the `Invalid` status (when it changed, and `write_status`) and, once per
+    /// distinct set of problems, a Warning Event.
     async fn report_invalid(
         &mut self,
         rollout: &Rollout,
         handle: &RolloutHandle,
         lines: &[String],
+        write_status: bool,
     ) {
         if self.sinks.leader.lost().is_some() {
             return;
         }
         let previous = rollout.status.clone().unwrap_or_default();
         let generation = handle.generation();
-        let unchanged = previous.phase.as_deref() == Some("Invalid")
-            && previous.problems == lines
-            && previous.observed_generation == Some(generation);
+        let unchanged = !write_status
+            || previous.phase.as_deref() == Some("Invalid")
+                && previous.problems == lines
+                && previous.observed_generation == Some(generation);
         if !unchanged {
             let next: RolloutStatus = status::invalid(&previous, lines, generation, &now_rfc3339());
             let api: Api<Rollout> = Api::namespaced(self.sinks.client.clone(), &handle.namespace);
