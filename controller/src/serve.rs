@@ -441,7 +441,14 @@ pub async fn serve_kubernetes(
     let mut fleet = Fleet::new(launcher, &out, options);
     let mut rollouts = RolloutWatch::new(sinks, namespace);
     let result = rollouts.run(&mut fleet, wait_for_stop(stop_rx)).await;
-    fleet.shutdown().await;
+    // Each rollout saves its record; within the pod's grace period (30 s), since a
+    // rollout whose writes are refused (leadership lost) may never get to.
+    if tokio::time::timeout(Duration::from_secs(20), fleet.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("not every rollout stopped within 20 s; exiting anyway");
+    }
     result
 }
 

@@ -462,11 +462,16 @@ impl ConfigSink for RolloutSink {
     async fn apply(&self, policy: &Value, record: &Record) -> Result<(), SinkError> {
         let weight = record.applied_weight;
         if self.handle.abort_marked() && weight > 0 {
-            return Err(SinkError::Busy(format!(
-                "Rollout {} is aborted ({} annotation): the canary stays at 0 %",
-                self.handle.key(),
-                ABORT_ANNOTATION
-            )));
+            if record.state.phase == Phase::Progressing {
+                // The driver holds and sees the mark at its next tick.
+                return Err(SinkError::Busy(format!(
+                    "Rollout {} is aborted ({} annotation): the canary stays at 0 %",
+                    self.handle.key(),
+                    ABORT_ANNOTATION
+                )));
+            }
+            // A final weight is retried until it lands: land the abort instead.
+            return self.apply_abort().await;
         }
         self.apply_envoy_filter(policy, record).await?;
         self.write_status(record).await?;
