@@ -215,7 +215,11 @@ impl MetricSource for Memory {
         }
         let dt = now.duration_since(t.last).as_secs_f64();
         t.last = now;
-        let rps = if sim.profile == Profile::Quiet { 0.0 } else { sim.rps };
+        let rps = if sim.profile == Profile::Quiet {
+            0.0
+        } else {
+            sim.rps
+        };
         let share = f64::from(sim.weight.load(Ordering::Relaxed)) / 100.0;
         let canary_rate = match sim.profile {
             Profile::Broken => 0.30,
@@ -263,7 +267,9 @@ impl ConfigSink for Memory {
         // What a real sink serializes, so that the cost is in the numbers.
         let text = policy.to_string();
         std::hint::black_box(text.len());
-        self.0.weight.store(record.applied_weight, Ordering::Relaxed);
+        self.0
+            .weight
+            .store(record.applied_weight, Ordering::Relaxed);
         *lock(&self.0.record) = Some(record.clone());
         Ok(())
     }
@@ -305,7 +311,12 @@ fn cpu_seconds() -> f64 {
         .map(|(_, rest)| rest.split_whitespace().collect())
         .unwrap_or_default();
     // utime and stime are fields 14 and 15 (1-based), i.e. 11 and 12 after the name.
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
     (ticks(11) + ticks(12)) / clock_ticks_per_second()
 }
 
@@ -516,15 +527,13 @@ fn main() -> std::process::ExitCode {
             .args(["--interval-s", &s.interval.as_secs_f64().to_string()])
             .args(["--rps", &s.rps.to_string()])
             .output();
-        let parsed = output
-            .map_err(|e| e.to_string())
-            .and_then(|o| {
-                if o.status.success() {
-                    serde_json::from_slice::<Value>(&o.stdout).map_err(|e| e.to_string())
-                } else {
-                    Err(String::from_utf8_lossy(&o.stderr).into_owned())
-                }
-            });
+        let parsed = output.map_err(|e| e.to_string()).and_then(|o| {
+            if o.status.success() {
+                serde_json::from_slice::<Value>(&o.stdout).map_err(|e| e.to_string())
+            } else {
+                Err(String::from_utf8_lossy(&o.stderr).into_owned())
+            }
+        });
         match parsed {
             Ok(result) => results.push(result),
             Err(e) => {
@@ -569,8 +578,16 @@ fn main() -> std::process::ExitCode {
 fn print_table(results: &[Value]) {
     println!(
         "{:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>11} {:>13} {:>10}",
-        "rollouts", "ticks", "late p50", "late p99", "late max", ">1 s", "CPU core", "CPU/tick",
-        "CPU/rollout", "peak RSS"
+        "rollouts",
+        "ticks",
+        "late p50",
+        "late p99",
+        "late max",
+        ">1 s",
+        "CPU core",
+        "CPU/tick",
+        "CPU/rollout",
+        "peak RSS"
     );
     for r in results {
         let ms = |k: &str| r["lateness_ms"][k].as_f64().unwrap_or(f64::NAN);

@@ -263,12 +263,11 @@ impl Metrics {
             "invalid" => Metrics::kind(&self.errors, "spec"),
             "aborted" => Metrics::kind(&self.rollouts_finished, "aborted"),
             // The fleet's report of an ended rollout; an abort was counted above.
-            "finished" => match data["outcome_kind"].as_str() {
-                Some(kind @ ("promoted" | "rolled_back")) => {
+            "finished" => {
+                if let Some(kind @ ("promoted" | "rolled_back")) = data["outcome_kind"].as_str() {
                     Metrics::kind(&self.rollouts_finished, kind)
                 }
-                _ => {}
-            },
+            }
             _ => {}
         }
     }
