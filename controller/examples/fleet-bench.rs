@@ -12,7 +12,8 @@
 //! its size. Starts are spread over the first interval, as real releases are.
 //!
 //! Measured per size: each tick's lateness (when the source was read, against the
-//! rollout's schedule: its first read plus whole intervals), process CPU seconds (from
+//! previous read plus one interval — the schedule the rollout loop's ticker keeps), its
+//! drift (against the release's first read plus whole intervals), process CPU seconds (from
 //! /proc/self/stat), CPU per tick and per rollout, and peak RSS (VmHWM). Printed as a
 //! table; written as JSON (`--out`, default target/bench/controller.json).
 //!
@@ -136,8 +137,14 @@ impl Rng {
     }
 }
 
-/// Tick lateness samples, microseconds.
-type Lateness = Arc<Mutex<Vec<u64>>>;
+/// Tick lateness and drift samples, microseconds.
+#[derive(Default)]
+struct Samples {
+    late: Vec<u64>,
+    drift: Vec<u64>,
+}
+
+type Lateness = Arc<Mutex<Samples>>;
 
 /// One rollout's in-memory world: the weight its sink applied, its counters.
 struct Sim {
@@ -156,8 +163,9 @@ struct Traffic {
     last: Instant,
     canary: VariantCounts,
     stable: VariantCounts,
-    /// This release's schedule: its first read and the reads since.
+    /// This release's schedule: its first read, its last and the reads since the first.
     first_read: Option<Instant>,
+    last_read: Option<Instant>,
     reads: u32,
 }
 
@@ -180,6 +188,7 @@ impl Memory {
                 canary: VariantCounts::default(),
                 stable: VariantCounts::default(),
                 first_read: None,
+                last_read: None,
                 reads: 0,
             }),
             lateness,
@@ -190,6 +199,7 @@ impl Memory {
     fn new_release(&self) {
         let mut t = lock(&self.0.traffic);
         t.first_read = None;
+        t.last_read = None;
         t.reads = 0;
     }
 }
@@ -203,16 +213,23 @@ impl MetricSource for Memory {
         let sim = &self.0;
         let now = Instant::now();
         let mut t = lock(&sim.traffic);
-        // Lateness against the schedule: first read + k intervals.
-        match t.first_read {
-            None => t.first_read = Some(now),
-            Some(first) => {
+        // Lateness: against the previous tick plus one interval (the schedule tokio's
+        // `MissedTickBehavior::Delay`, which the rollout loop uses, keeps after a late
+        // tick); drift: against the release's first tick plus whole intervals (lateness
+        // summed up over the release).
+        match (t.first_read, t.last_read) {
+            (Some(first), Some(last)) => {
                 t.reads += 1;
-                let due = first + sim.interval * t.reads;
-                let late = now.saturating_duration_since(due);
-                lock(&sim.lateness).push(u64::try_from(late.as_micros()).unwrap_or(u64::MAX));
+                let micros = |d: Duration| u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+                let late = now.saturating_duration_since(last + sim.interval);
+                let drift = now.saturating_duration_since(first + sim.interval * t.reads);
+                let mut samples = lock(&sim.lateness);
+                samples.late.push(micros(late));
+                samples.drift.push(micros(drift));
             }
+            _ => t.first_read = Some(now),
         }
+        t.last_read = Some(now);
         let dt = now.duration_since(t.last).as_secs_f64();
         t.last = now;
         let rps = if sim.profile == Profile::Quiet {
@@ -365,7 +382,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         );
         let base = RolloutSpec::parse(&text, &dir.path().join("bench.yaml"))
             .map_err(|e| format!("bench spec: {e}"))?;
-        let lateness: Lateness = Arc::new(Mutex::new(Vec::new()));
+        let lateness: Lateness = Arc::new(Mutex::new(Samples::default()));
         let worlds: Arc<Vec<Memory>> = Arc::new(
             (0..size)
                 .map(|i| Memory::new(i, s.rps, s.interval, Arc::clone(&lateness)))
@@ -444,8 +461,12 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         let rss_end = status_kib("VmRSS:");
         let snapshot = fleet.snapshot();
         fleet.shutdown().await;
-        let mut samples = std::mem::take(&mut *lock(&lateness));
+        let Samples {
+            late: mut samples,
+            mut drift,
+        } = std::mem::take(&mut *lock(&lateness));
         samples.sort_unstable();
+        drift.sort_unstable();
         let ticks = samples.len() as f64 + size as f64; // every release's first read too
         let late_1s = samples.iter().filter(|l| **l > 1_000_000).count();
         let outcomes = lock(&outcomes).clone();
@@ -461,6 +482,11 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
                 "max": samples.last().copied().unwrap_or(0) as f64 / 1000.0,
                 "samples": samples.len(),
                 "over_1s": late_1s,
+            },
+            "drift_ms": {
+                "p50": percentile(&drift, 50.0) as f64 / 1000.0,
+                "p99": percentile(&drift, 99.0) as f64 / 1000.0,
+                "max": drift.last().copied().unwrap_or(0) as f64 / 1000.0,
             },
             "cpu_s": cpu,
             "cpu_share_of_one_core": cpu / wall,
@@ -577,13 +603,14 @@ fn main() -> std::process::ExitCode {
 
 fn print_table(results: &[Value]) {
     println!(
-        "{:>9} {:>8} {:>9} {:>9} {:>9} {:>8} {:>9} {:>11} {:>13} {:>10}",
+        "{:>9} {:>8} {:>9} {:>9} {:>9} {:>6} {:>10} {:>9} {:>9} {:>13} {:>10}",
         "rollouts",
         "ticks",
         "late p50",
         "late p99",
         "late max",
         ">1 s",
+        "drift p99",
         "CPU core",
         "CPU/tick",
         "CPU/rollout",
@@ -592,13 +619,14 @@ fn print_table(results: &[Value]) {
     for r in results {
         let ms = |k: &str| r["lateness_ms"][k].as_f64().unwrap_or(f64::NAN);
         println!(
-            "{:>9} {:>8} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>8} {:>8.2}% {:>9.0}µs {:>7.1}ms/min {:>6.1} MiB",
+            "{:>9} {:>8} {:>7.1}ms {:>7.1}ms {:>7.1}ms {:>6} {:>8.1}ms {:>8.2}% {:>7.0}µs {:>7.1}ms/min {:>6.1} MiB",
             r["rollouts"].as_u64().unwrap_or(0),
             r["ticks"].as_f64().unwrap_or(0.0) as u64,
             ms("p50"),
             ms("p99"),
             ms("max"),
             r["lateness_ms"]["over_1s"].as_u64().unwrap_or(0),
+            r["drift_ms"]["p99"].as_f64().unwrap_or(f64::NAN),
             r["cpu_share_of_one_core"].as_f64().unwrap_or(f64::NAN) * 100.0,
             r["cpu_us_per_tick"].as_f64().unwrap_or(f64::NAN),
             r["cpu_ms_per_rollout_per_minute"].as_f64().unwrap_or(f64::NAN),
