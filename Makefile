@@ -18,6 +18,11 @@
 #                  no memory growth, every request and copy counted (target/soak/report.json)
 #   make envoy-matrix  the e2e routing, shadow, failure and adversarial tests against
 #                  every Envoy release line on PyPI from 1.36 (target/matrix/results.md)
+#   make bench-controller  one controller process, one core: 100, 300 and 1,000 concurrent
+#                  rollouts at a 10 s interval with in-memory sources and sinks; tick
+#                  lateness, CPU and peak memory per size; target/bench/controller.json
+#                  (~8 minutes; BENCH_CONTROLLER_ARGS to change sizes or duration)
+#   make bench-controller-smoke  the same with 50 rollouts for 8 s (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
@@ -50,12 +55,12 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke soak-smoke
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-smoke soak-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -133,12 +138,33 @@ e2e: venv wasm wasm-test-trap
 
 # The Istio EnvoyFilter is generated from the controller's rollout spec, so it cannot drift
 # (tests/tests/istio_manifests.rs checks it is current).
-manifests:
-	$(CARGO) build --locked -p meshcanary
+manifests: crd
 	./target/debug/meshcanary render manifests/istio/controller/rollout.yaml --sink kubernetes > manifests/istio/envoyfilter.yaml
+
+# The Rollout CRD is generated from the controller's Rust types (controller/tests/kubernetes_crd.rs
+# checks the committed file is current).
+crd:
+	$(CARGO) build --locked -p meshcanary
+	./target/debug/meshcanary crd > manifests/istio/controller/crd.yaml
 
 clean:
 	rm -rf target filter/target
+
+## --- the controller at scale ------------------------------------------------
+
+# controller/examples/fleet-bench.rs: each size in a child process of its own on a tokio
+# current-thread runtime (one core), 150 s each. A release build: the numbers are for
+# the code as shipped.
+BENCH_CONTROLLER_ARGS ?= --sizes 100,300,1000 --duration-s 150 --interval-s 10
+bench-controller:
+	$(CARGO) build --release --locked -p meshcanary --example fleet-bench
+	./target/release/examples/fleet-bench $(BENCH_CONTROLLER_ARGS)
+
+# Smoke mode: 50 rollouts, 0.5 s ticks, 8 s; fails unless ticks were measured and
+# rollouts ended. Debug build, like the other tests.
+bench-controller-smoke:
+	$(CARGO) build --locked -p meshcanary --example fleet-bench
+	./target/debug/examples/fleet-bench --smoke
 
 ## --- demo ------------------------------------------------------------------
 

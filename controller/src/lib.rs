@@ -2,14 +2,19 @@
 //! hold, roll back) and writes the new policy where the proxies pick it up.
 //!
 //! The verdict is a pure function of (spec, state, observation) in [`verdict`]; metric
-//! sources ([`source`]) and config sinks ([`sink`]) sit behind small traits, and
-//! [`rollout`] ties them together one tick at a time.
+//! sources ([`source`]) and config sinks ([`sink`]) sit behind small traits. Three places
+//! for three questions: what happens to one rollout is [`rollout`] (one tick at a time);
+//! how many rollouts are run is [`fleet`] (each in its own task); how Kubernetes is
+//! spoken to for `Rollout` resources is [`kubernetes`]. The spec ([`spec`]) is one set of
+//! types for spec files and the `Rollout` CRD.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod fleet;
+pub mod kubernetes;
 pub mod output;
 pub mod render;
 pub mod rollout;

@@ -9,7 +9,10 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use clap::{Parser, Subcommand};
+use meshcanary_controller::fleet::{Launcher, StopSignal};
 use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, Outcome, RunError};
 use meshcanary_controller::sink::kubernetes::{render_manifest, ManifestError};
@@ -49,25 +52,50 @@ enum Command {
         /// The file to check.
         file: PathBuf,
     },
-    /// Show where a rollout stands.
+    /// Show where a rollout stands; for a folder, every rollout in it (one line each).
     Status {
-        /// The rollout spec.
+        /// The rollout spec, or a folder of specs (as `serve DIR` drives).
         spec: PathBuf,
     },
     /// Send the canary to 0 % now; a running controller stops at its next tick.
     Abort {
-        /// The rollout spec.
-        spec: PathBuf,
+        /// The rollout spec (not with --rollout).
+        #[arg(required_unless_present = "rollout", conflicts_with = "rollout")]
+        spec: Option<PathBuf>,
+        /// A `Rollout` resource, `NAMESPACE/NAME`: sets its `meshcanary.io/abort`
+        /// annotation (kubeconfig: in-cluster, KUBECONFIG, ~/.kube/config); the controller
+        /// (`serve --kubernetes`) sends the canary to 0 % at its next tick.
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        rollout: Option<String>,
     },
-    /// Long-running controller (for a Deployment): drive the spec's rollout, start a new
-    /// one when the spec changes, serve /metrics and /healthz; SIGTERM saves and exits.
+    /// Long-running controller (for a Deployment): drive the spec's rollout (or every
+    /// spec's in a folder, concurrently), start a new one when a spec changes, serve
+    /// /metrics and /healthz; SIGTERM saves and exits.
     Serve {
-        /// The rollout spec.
-        spec: PathBuf,
+        /// The rollout spec, or a folder of `*.yaml` / `*.yml` specs (not with --kubernetes).
+        #[arg(required_unless_present = "kubernetes", conflicts_with = "kubernetes")]
+        spec: Option<PathBuf>,
+        /// Drive every `Rollout` resource (meshcanary.io/v1alpha1) instead of spec files:
+        /// in-cluster, one controller-wide Lease (leader election), status and Events on
+        /// each Rollout.
+        #[arg(long)]
+        kubernetes: bool,
+        /// With --kubernetes: only Rollouts in this namespace (default: every namespace).
+        #[arg(long, requires = "kubernetes")]
+        namespace: Option<String>,
+        /// With --kubernetes: the namespace of the controller's Lease (default: the pod's).
+        #[arg(long, requires = "kubernetes")]
+        lease_namespace: Option<String>,
+        /// With --kubernetes: the name of the controller's Lease.
+        #[arg(long, requires = "kubernetes", default_value = "meshcanary-controller")]
+        lease_name: String,
         /// Address for /metrics and /healthz.
         #[arg(long, default_value = "0.0.0.0:9464")]
         listen: SocketAddr,
     },
+    /// Print the `Rollout` CustomResourceDefinition (YAML), generated from the same types
+    /// as the spec file; `manifests/istio/controller/crd.yaml` is this output.
+    Crd,
     /// Print exactly what the sink would write for the rollout's current state.
     Render {
         /// The rollout spec.
@@ -147,6 +175,25 @@ pub(crate) fn sink(spec: &RolloutSpec) -> AnySink {
     AnySink::new(spec)
 }
 
+/// How `serve` drives one rollout of its fleet: the spec's own source and sink.
+/// `supersede`: a new revision replaces an unfinished record of an earlier one
+/// ([`rollout::run_release`], `serve DIR`) instead of being refused ([`rollout::run`]).
+pub(crate) fn launcher(supersede: bool) -> Launcher {
+    Arc::new(
+        move |spec: RolloutSpec, mut out: Output, stop: StopSignal| {
+            Box::pin(async move {
+                let source = source(&spec);
+                let sink = sink(&spec);
+                if supersede {
+                    rollout::run_release(&spec, &source, &sink, &mut out, stop.stopped()).await
+                } else {
+                    rollout::run(&spec, &source, &sink, &mut out, stop.stopped()).await
+                }
+            })
+        },
+    )
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
@@ -169,15 +216,64 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Validate { file } => validate(&file, &mut out),
         Command::Run { spec } => with_spec(&spec, &mut out, run).await,
-        Command::Serve { spec, listen } => match serve::serve(&spec, listen, out).await {
+        Command::Serve {
+            kubernetes: true,
+            namespace,
+            lease_namespace,
+            lease_name,
+            listen,
+            ..
+        } => {
+            let lease = serve::LeaseAt {
+                namespace: lease_namespace,
+                name: lease_name,
+            };
+            match serve::serve_kubernetes(namespace, lease, listen, out).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("meshcanary: {}", e);
+                    ExitCode::from(EXIT_FAILURE)
+                }
+            }
+        }
+        Command::Serve { spec: None, .. } => {
+            eprintln!("meshcanary: serve needs a SPEC (file or folder) or --kubernetes");
+            ExitCode::from(EXIT_INVALID)
+        }
+        Command::Serve {
+            spec: Some(spec),
+            listen,
+            ..
+        } => match serve::serve(&spec, listen, out).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("meshcanary: {}", e);
                 ExitCode::from(EXIT_FAILURE)
             }
         },
+        Command::Crd => match meshcanary_controller::kubernetes::crd::crd_yaml() {
+            Ok(text) => {
+                print!("{}", text);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("meshcanary: cannot render the CRD: {}", e);
+                ExitCode::from(EXIT_FAILURE)
+            }
+        },
+        Command::Status { spec } if spec.is_dir() => status_dir(&spec, &mut out).await,
         Command::Status { spec } => with_spec(&spec, &mut out, status).await,
-        Command::Abort { spec } => with_spec(&spec, &mut out, abort).await,
+        Command::Abort {
+            rollout: Some(rollout),
+            ..
+        } => abort_rollout(&rollout, &mut out).await,
+        Command::Abort {
+            spec: Some(spec), ..
+        } => with_spec(&spec, &mut out, abort).await,
+        Command::Abort { .. } => {
+            eprintln!("meshcanary: abort needs a SPEC or --rollout NAMESPACE/NAME");
+            ExitCode::from(EXIT_INVALID)
+        }
         Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
         Command::Render {
             spec,
@@ -306,11 +402,182 @@ async fn status(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
     }
 }
 
+/// `status DIR`: one line (one JSON object) per spec in the folder, invalid ones with
+/// their problems. Exit 0 when the folder could be read, whatever the rollouts' states;
+/// 1 when it could not.
+async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
+    let specs = match serve::read_folder(dir) {
+        Ok(specs) => specs,
+        Err(e) => {
+            eprintln!("meshcanary: cannot read {}: {}", dir.display(), e);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    if specs.is_empty() {
+        out.event(
+            "status",
+            format!("{}: no rollout specs (*.yaml, *.yml)", dir.display()),
+            json!({"dir": dir, "rollouts": 0}),
+        );
+    }
+    for (file, loaded) in specs {
+        let spec = match loaded {
+            Ok(spec) => spec,
+            Err(errors) => {
+                let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
+                out.event(
+                    "status",
+                    format!("{}: invalid: {}", file, problems.join("; ")),
+                    json!({"file": file, "phase": "invalid", "problems": problems}),
+                );
+                continue;
+            }
+        };
+        let sink = sink(&spec);
+        match sink.load().await {
+            Ok(Some(record)) => {
+                let steps = &spec.judge.steps;
+                let aborted = sink.abort_marked().await.unwrap_or(false);
+                let weight = record.state.current_weight(steps);
+                let verdict = last_verdict(&record.state);
+                let age_s = rollout::now()
+                    .as_millis()
+                    .saturating_sub(u128::from(record.updated_unix_ms))
+                    as f64
+                    / 1000.0;
+                let stale = record.rollout.revision != spec.revision;
+                out.event(
+                    "status",
+                    format!(
+                        "{}: phase {:?}{}{}, step {} of {}, canary at {} %; last verdict {}: {} ({:.0} s ago)",
+                        file,
+                        record.state.phase,
+                        if aborted { " (abort requested)" } else { "" },
+                        if stale { " (record of an earlier revision)" } else { "" },
+                        record.state.step + 1,
+                        steps.len(),
+                        weight,
+                        verdict,
+                        record.state.reason,
+                        age_s
+                    ),
+                    json!({
+                        "file": file,
+                        "phase": phase_name(&record.state.phase),
+                        "step": record.state.step,
+                        "steps": steps.len(),
+                        "canary_weight": weight,
+                        "last_verdict": verdict,
+                        "reason": record.state.reason,
+                        "updated_unix_ms": record.updated_unix_ms,
+                        "abort_requested": aborted,
+                        "revision": spec.revision,
+                        "record_revision": record.rollout.revision,
+                    }),
+                );
+            }
+            Ok(None) => out.event(
+                "status",
+                format!("{}: not started", file),
+                json!({"file": file, "phase": "not_started"}),
+            ),
+            Err(e) => out.event(
+                "status",
+                format!("{}: cannot read its record: {}", file, e),
+                json!({"file": file, "phase": "unknown", "error": e.to_string()}),
+            ),
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+/// The phase as one word, for `status DIR --output json`.
+fn phase_name(phase: &meshcanary_controller::verdict::Phase) -> &'static str {
+    use meshcanary_controller::verdict::Phase;
+    match phase {
+        Phase::Progressing => "progressing",
+        Phase::Promoted => "promoted",
+        Phase::RolledBack { .. } => "rolled_back",
+        Phase::Aborted => "aborted",
+    }
+}
+
+/// The kind of the last verdict, from the saved state: the record keeps the phase and
+/// the last verdict's reason in words, and a promotion's reason says "step … passed".
+fn last_verdict(state: &meshcanary_controller::verdict::State) -> &'static str {
+    use meshcanary_controller::verdict::Phase;
+    match &state.phase {
+        Phase::Promoted => "complete",
+        Phase::RolledBack { .. } => "rollback",
+        Phase::Aborted => "aborted",
+        Phase::Progressing if state.reason.is_empty() => "none",
+        Phase::Progressing
+            if state.reason.starts_with("step ") && state.reason.contains(" passed") =>
+        {
+            "promote"
+        }
+        Phase::Progressing => "hold",
+    }
+}
+
 async fn abort(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
     match rollout::abort(spec, &sink(spec), out).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             report_error(&e, out);
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `abort --rollout NAMESPACE/NAME`: the abort annotation on a Rollout, by a JSON merge
+/// patch under the abort field manager.
+async fn abort_rollout(rollout: &str, out: &mut Output) -> ExitCode {
+    use meshcanary_controller::kubernetes::crd::Rollout;
+    use meshcanary_controller::sink::kubernetes::{
+        prepare_tls, ABORT_ANNOTATION, ABORT_FIELD_MANAGER,
+    };
+    let Some((namespace, name)) = rollout.split_once('/') else {
+        eprintln!(
+            "meshcanary: --rollout {:?}: expected NAMESPACE/NAME",
+            rollout
+        );
+        return ExitCode::from(EXIT_INVALID);
+    };
+    prepare_tls();
+    let client = match kube::Client::try_default().await {
+        Ok(client) => client,
+        Err(e) => {
+            eprintln!("meshcanary: no Kubernetes configuration: {}", e);
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    let api: kube::Api<Rollout> = kube::Api::namespaced(client, namespace);
+    let patch = json!({"metadata": {"annotations": {ABORT_ANNOTATION: "aborted by an operator (meshcanary abort)"}}});
+    let params = kube::api::PatchParams {
+        field_manager: Some(ABORT_FIELD_MANAGER.to_string()),
+        ..Default::default()
+    };
+    match api
+        .patch(name, &params, &kube::api::Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            out.event(
+                "abort",
+                format!(
+                    "Rollout {}/{} marked {}: the controller sends the canary to 0 % at its next tick",
+                    namespace, name, ABORT_ANNOTATION
+                ),
+                json!({"rollout": rollout}),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!(
+                "meshcanary: cannot mark Rollout {}/{}: {}",
+                namespace, name, e
+            );
             ExitCode::from(EXIT_FAILURE)
         }
     }

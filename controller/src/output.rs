@@ -22,6 +22,10 @@ pub struct Output {
     format: Format,
     started: Instant,
     observer: Option<Observer>,
+    /// Names the rollout a line is about when one process drives many (`serve DIR`).
+    label: Option<String>,
+    /// False for a silent output: observers still see every event (the scale benchmark).
+    print: bool,
 }
 
 impl Output {
@@ -31,7 +35,39 @@ impl Output {
             format,
             started: Instant::now(),
             observer: None,
+            label: None,
+            print: true,
         }
+    }
+
+    /// A new output with the same format, clock and printing, without observer or label:
+    /// one per rollout when a process drives many.
+    pub fn fork(&self) -> Output {
+        Output {
+            format: self.format,
+            started: self.started,
+            observer: None,
+            label: None,
+            print: self.print,
+        }
+    }
+
+    /// Names the rollout on every line: text lines read `[  12.3s] checkout promote …`,
+    /// JSON lines carry `"rollout": "checkout"`.
+    pub fn with_label(mut self, label: impl Into<String>) -> Output {
+        self.label = Some(label.into());
+        self
+    }
+
+    /// Prints nothing; observers still see every event.
+    pub fn silent(mut self) -> Output {
+        self.print = false;
+        self
+    }
+
+    /// The format lines are printed in.
+    pub fn format(&self) -> Format {
+        self.format
     }
 
     /// Also hands every event (printed or not) to `observer`.
@@ -52,21 +88,35 @@ impl Output {
     /// `rollback`, `aborted`, `source`, `error`, …), a human message and its data.
     pub fn event(&mut self, kind: &str, message: String, data: Value) {
         self.notify(kind, &data);
+        if !self.print {
+            return;
+        }
         let t = self.started.elapsed().as_secs_f64();
-        let line = match self.format {
-            Format::Text => format!("[{:>7.1}s] {:<8} {}", t, kind, message),
-            Format::Json => {
+        let mut line = match (self.format, &self.label) {
+            (Format::Text, None) => format!("[{:>7.1}s] {:<8} {}", t, kind, message),
+            (Format::Text, Some(label)) => {
+                format!("[{:>7.1}s] {} {:<8} {}", t, label, kind, message)
+            }
+            (Format::Json, _) => {
                 let mut event =
                     json!({"t": (t * 1000.0).round() / 1000.0, "event": kind, "message": message});
-                if let (Some(target), Value::Object(extra)) = (event.as_object_mut(), data) {
-                    target.extend(extra);
+                if let Some(target) = event.as_object_mut() {
+                    if let Some(label) = &self.label {
+                        target.insert("rollout".to_string(), Value::String(label.clone()));
+                    }
+                    if let Value::Object(extra) = data {
+                        target.extend(extra);
+                    }
                 }
                 event.to_string()
             }
         };
+        line.push('\n');
+        // One write of the whole line under the process-wide stdout lock: lines of
+        // rollouts driven by different tasks never interleave mid-line.
         let mut stdout = std::io::stdout().lock();
         // A closed pipe must not kill a rollout half-way: the line is lost, the run goes on.
-        let _ = writeln!(stdout, "{}", line);
+        let _ = stdout.write_all(line.as_bytes());
         let _ = stdout.flush();
     }
 }

@@ -9,7 +9,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde_json::{json, Value};
 
 use crate::output::Output;
-use crate::render::with_canary_weight;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
 use crate::spec::RolloutSpec;
@@ -77,23 +76,12 @@ fn unix_ms() -> u64 {
 
 /// The rollout's identity, from the spec.
 pub fn rollout_id(spec: &RolloutSpec) -> RolloutId {
-    RolloutId {
-        policy: spec.policy.name.clone(),
-        split_rule: spec.split_rule.clone(),
-        canary: spec.canary.clone(),
-        revision: spec.revision.clone(),
-    }
+    spec.id()
 }
 
 /// The policy document at a canary weight.
 pub fn policy_at(spec: &RolloutSpec, weight: u32) -> Result<Value, RunError> {
-    with_canary_weight(
-        &spec.policy_document,
-        &spec.split_rule,
-        &spec.canary,
-        weight,
-    )
-    .map_err(RunError::Render)
+    spec.policy_at(weight).map_err(RunError::Render)
 }
 
 /// What the source is asked for.
@@ -138,12 +126,49 @@ pub fn observation(spec: &RolloutSpec, at: Duration, snapshot: Option<&Snapshot>
 }
 
 /// Drives a rollout to its end. `stop` resolves when the process is asked to stop.
+///
+/// A saved record of an earlier revision of the same rollout that has not finished is
+/// refused ([`RunError::OtherRollout`]): see [`run_release`] for the rule of a controller
+/// that watches its specs change.
 pub async fn run<S, K>(
     spec: &RolloutSpec,
     source: &S,
     sink: &K,
     out: &mut Output,
     stop: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    drive(spec, source, sink, out, stop, false).await
+}
+
+/// Like [`run`], for a controller that drives whatever revision its spec has now
+/// (`serve DIR`): a saved, unfinished record of an earlier revision of the same rollout
+/// (same policy, rule and canary) is superseded — this revision is a new release and
+/// starts at its first step, as a finished one's would.
+pub async fn run_release<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    drive(spec, source, sink, out, stop, true).await
+}
+
+async fn drive<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+    supersede: bool,
 ) -> Result<Outcome, RunError>
 where
     S: MetricSource,
@@ -159,6 +184,23 @@ where
                 && record.rollout.same_target(&id)
                 && finished(&record).is_some() =>
         {
+            None
+        }
+        Some(record)
+            if supersede
+                && record.rollout.revision != id.revision
+                && record.rollout.same_target(&id) =>
+        {
+            out.event(
+                "superseded",
+                format!(
+                    "revision {} replaces revision {} at step {}: a new release starts",
+                    id.revision,
+                    record.rollout.revision,
+                    record.state.step + 1
+                ),
+                json!({"revision": id.revision, "previous_revision": record.rollout.revision, "previous_step": record.state.step}),
+            );
             None
         }
         other => other,

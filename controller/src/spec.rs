@@ -1,19 +1,37 @@
-//! The rollout spec (YAML): which policy and split rule to drive, the steps, the
-//! analysis limits, where metrics come from and where the policy goes.
+//! The rollout spec: which policy and split rule to drive, the steps, the analysis
+//! limits, where metrics come from and where the policy goes.
 //!
-//! Like the policy, the spec is read through a JSON value and validated by a walker that
-//! reports every problem with its path, unknown fields included.
+//! One definition, two places it is written: a YAML file (`meshcanary run SPEC`) and the
+//! `spec` of a `Rollout` resource. Both are the types of [`document`]; validation is one
+//! pass that reports every problem with its path: first the schema's (the CRD's own
+//! schema, so the API server and the file reader agree: types, unknown fields, required
+//! fields; see [`schema_check`]), then the meaning on the typed value (ranges, durations,
+//! the split rule and canary in the policy, …). A value the schema refused is left out
+//! of the typed read, so the rest is still checked in the same pass. The result is a
+//! [`RolloutSpec`], what the controller drives.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use meshcanary_policy::envoy::FailurePolicy;
 use meshcanary_policy::walk::{join, kind};
-use meshcanary_policy::{Action, ConfigErrors, Policy, Walker};
-use serde_json::{Map, Value};
+use meshcanary_policy::{Action, ConfigErrors, Policy};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
+use crate::render::with_canary_weight;
 use crate::verdict::{self, Analysis, OnNoData};
+
+pub mod document;
+pub mod schema_check;
+
+use document::{
+    AnalysisDocument, ContextDocument, EcdsFileDocument, FailurePolicyDocument, KubernetesDocument,
+    MetricsDocument, OnNoDataDocument, PrometheusDocument, ReporterDocument, RolloutDocument,
+    SinkDocument, SourceDocument, WasmDocument,
+};
 
 /// Envoy's default histogram bucket boundaries (milliseconds for the filter's latency
 /// histograms). The slow-request test reads the histogram at one of them.
@@ -167,77 +185,185 @@ impl PatchContext {
     }
 }
 
-const KUBERNETES_FIELDS: &[&str] = &[
-    "namespace",
-    "name",
-    "workload_selector",
-    "filter_name",
-    "wasm",
-    "context",
-    "kubeconfig",
-    "failure_policy",
-];
+/// Names one rollout; a record of another rollout is never resumed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutId {
+    /// The policy's `name`.
+    pub policy: String,
+    /// The split rule driven.
+    pub split_rule: String,
+    /// The variant under test.
+    pub canary: String,
+    /// Content hash of the spec and base policy: a changed spec is a new release, so a
+    /// finished record of another revision does not stop a new rollout.
+    #[serde(default)]
+    pub revision: String,
+}
 
-const SPEC_FIELDS: &[&str] = &[
-    "policy",
-    "split_rule",
-    "canary",
-    "steps",
-    "step_min_duration",
-    "interval",
-    "analysis",
-    "source",
-    "sink",
-];
-const ANALYSIS_FIELDS: &[&str] = &[
-    "error_ceiling",
-    "max_error_rate",
-    "latency_threshold_ms",
-    "max_slow_rate",
-    "min_requests",
-    "alpha",
-    "relative_risk",
-    "no_data_timeout",
-    "on_no_data",
-];
+impl RolloutId {
+    /// Same policy, rule and canary (the revision may differ).
+    pub fn same_target(&self, other: &RolloutId) -> bool {
+        self.policy == other.policy
+            && self.split_rule == other.split_rule
+            && self.canary == other.canary
+    }
+}
+
+/// Where a spec document was written, which decides how its policy is found and which
+/// sinks it may name.
+#[derive(Debug, Clone, Copy)]
+pub enum Origin<'a> {
+    /// A spec file; relative paths in it are relative to its folder.
+    File(&'a Path),
+    /// The `spec` of a `Rollout` resource.
+    Rollout(&'a RolloutOrigin),
+}
+
+/// What a `Rollout` resource's spec is read with.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RolloutOrigin {
+    /// The Rollout's namespace: the EnvoyFilter's too.
+    pub namespace: String,
+    /// The Rollout's name: the EnvoyFilter's by default.
+    pub name: String,
+    /// The text of `policy_from`'s ConfigMap key, as read by the caller (the watcher), or
+    /// why it could not be read; `None` when the spec has no `policy_from`.
+    pub referenced_policy: Option<Result<String, String>>,
+}
+
+impl RolloutOrigin {
+    /// Where the spec "is", for messages: `namespace/name`.
+    pub fn location(&self) -> PathBuf {
+        PathBuf::from(format!("{}/{}", self.namespace, self.name))
+    }
+}
+
+/// The schema of a Rollout's `spec`, as the generated CRD has it.
+pub fn document_schema() -> &'static Value {
+    static SCHEMA: OnceLock<Value> = OnceLock::new();
+    SCHEMA.get_or_init(|| {
+        use kube::CustomResourceExt;
+        let crd = serde_json::to_value(document::Rollout::crd()).unwrap_or(Value::Null);
+        crd.pointer("/spec/versions/0/schema/openAPIV3Schema/properties/spec")
+            .cloned()
+            .unwrap_or(Value::Null)
+    })
+}
+
+/// Better words than the schema's for a few values.
+fn wording(path: &str) -> Option<&'static str> {
+    match path {
+        "steps[]" => Some("a whole percentage"),
+        "sink.kubernetes.context[]" => {
+            Some("SIDECAR_OUTBOUND or GATEWAY (routing happens on the caller's proxy)")
+        }
+        _ => None,
+    }
+}
+
+/// Whether `inner` is the value at `outer` or inside it.
+fn inside(outer: &str, inner: &str) -> bool {
+    !outer.is_empty()
+        && inner
+            .strip_prefix(outer)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('.') || rest.starts_with('['))
+}
+
+/// Reads a spec document: the schema's problems (each refused value left out), then the
+/// typed document.
+pub fn read_document(mut value: Value, errors: &mut ConfigErrors) -> Option<RolloutDocument> {
+    if !value.is_object() {
+        errors.push(
+            "",
+            format!(
+                "expected a map of the spec's fields, found {}",
+                kind(&value)
+            ),
+        );
+        return None;
+    }
+    schema_check::check(&mut value, document_schema(), "", wording, errors);
+    match serde_json::from_value(value) {
+        Ok(document) => Some(document),
+        Err(e) => {
+            errors.push("", format!("cannot read the spec: {}", e));
+            None
+        }
+    }
+}
 
 impl RolloutSpec {
     /// Reads and validates a spec file, reporting every problem at once.
     pub fn load(file: &Path) -> Result<RolloutSpec, ConfigErrors> {
-        let mut walker = Walker::default();
-        let text = match std::fs::read_to_string(file) {
-            Ok(t) => t,
+        match std::fs::read_to_string(file) {
+            Ok(text) => RolloutSpec::parse(&text, file),
             Err(e) => {
-                walker.error("", format!("cannot read {}: {}", file.display(), e));
-                return Err(walker.errors);
+                let mut errors = ConfigErrors::default();
+                errors.push("", format!("cannot read {}: {}", file.display(), e));
+                Err(errors)
             }
-        };
-        RolloutSpec::parse(&text, file)
+        }
     }
 
     /// Validates spec text; `file` anchors relative paths and is read for nothing else
     /// (the base policy is read from disk).
     pub fn parse(text: &str, file: &Path) -> Result<RolloutSpec, ConfigErrors> {
-        let mut walker = Walker::default();
         let value: Value = match serde_saphyr::from_str(text) {
             Ok(v) => v,
             Err(e) => {
-                walker.error("", format!("not valid YAML: {}", e));
-                return Err(walker.errors);
+                let mut errors = ConfigErrors::default();
+                errors.push("", format!("not valid YAML: {}", e));
+                return Err(errors);
             }
         };
-        let base = file.parent().map(Path::to_path_buf).unwrap_or_default();
-        let mut reader = Reader { w: walker, base };
-        let spec = reader.spec(&value, file).map(|mut spec| {
-            let mut content = text.as_bytes().to_vec();
-            content.extend_from_slice(spec.policy_document.to_string().as_bytes());
-            spec.revision = format!(
-                "{:016x}",
-                meshcanary_policy::bucket::fnv_position(b"meshcanary/revision", &content)
-            );
-            spec
+        RolloutSpec::from_value(value, Origin::File(file), text.as_bytes())
+    }
+
+    /// Validates a Rollout resource's `spec`.
+    pub fn from_rollout(spec: &Value, origin: &RolloutOrigin) -> Result<RolloutSpec, ConfigErrors> {
+        let content = spec.to_string();
+        RolloutSpec::from_value(spec.clone(), Origin::Rollout(origin), content.as_bytes())
+    }
+
+    /// Validates a spec document written at `origin`; `content` (the text as written)
+    /// and the base policy name the release.
+    pub fn from_value(
+        value: Value,
+        origin: Origin<'_>,
+        content: &[u8],
+    ) -> Result<RolloutSpec, ConfigErrors> {
+        let mut schema_errors = ConfigErrors::default();
+        let document = read_document(value, &mut schema_errors);
+        let mut meaning = ConfigErrors::default();
+        let spec = document.and_then(|d| {
+            Checker {
+                origin,
+                errors: &mut meaning,
+                schema_errors: &schema_errors,
+            }
+            .spec(&d)
         });
-        reader.w.finish(spec)
+        let mut errors = schema_errors.clone();
+        for problem in meaning.iter() {
+            let repeated = schema_errors
+                .iter()
+                .any(|s| inside(&s.path, &problem.path) || s == problem);
+            if !repeated {
+                errors.push(&problem.path, problem.message.clone());
+            }
+        }
+        match spec {
+            Some(mut spec) if errors.is_empty() => {
+                let mut content = content.to_vec();
+                content.extend_from_slice(spec.policy_document.to_string().as_bytes());
+                spec.revision = format!(
+                    "{:016x}",
+                    meshcanary_policy::bucket::fnv_position(b"meshcanary/revision", &content)
+                );
+                Ok(spec)
+            }
+            _ => Err(errors),
+        }
     }
 
     /// The split rule's variants other than the canary (the baseline), in listing order.
@@ -256,59 +382,94 @@ impl RolloutSpec {
             _ => Vec::new(),
         }
     }
+
+    /// The rollout's identity.
+    pub fn id(&self) -> RolloutId {
+        RolloutId {
+            policy: self.policy.name.clone(),
+            split_rule: self.split_rule.clone(),
+            canary: self.canary.clone(),
+            revision: self.revision.clone(),
+        }
+    }
+
+    /// The policy document with the canary at `weight` percent.
+    pub fn policy_at(&self, weight: u32) -> Result<Value, String> {
+        with_canary_weight(
+            &self.policy_document,
+            &self.split_rule,
+            &self.canary,
+            weight,
+        )
+    }
 }
 
-struct Reader {
-    w: Walker,
-    base: PathBuf,
+/// The meaning of a typed document: ranges, formats, cross-field rules, the policy.
+struct Checker<'a, 'e> {
+    origin: Origin<'a>,
+    errors: &'e mut ConfigErrors,
+    /// The schema's problems: a list item reported at exactly its path was left out of
+    /// the typed read, which [`Checker::original_index`] undoes for messages.
+    schema_errors: &'e ConfigErrors,
 }
 
-impl Reader {
-    fn spec(&mut self, value: &Value, file: &Path) -> Option<RolloutSpec> {
-        let map = self.w.object(value, "", SPEC_FIELDS)?;
-        let policy_path = self
-            .w
-            .required(map, "", "policy")
-            .and_then(|v| self.w.string(v, "policy"))
-            .map(|p| self.base.join(p));
-        let policy_read = policy_path.and_then(|p| self.policy(&p));
-        let split_rule = self
-            .w
-            .required(map, "", "split_rule")
-            .and_then(|v| self.w.string(v, "split_rule"));
-        let canary = self
-            .w
-            .required(map, "", "canary")
-            .and_then(|v| self.w.string(v, "canary"));
-        if let (Some((_, policy)), Some(rule), Some(canary)) = (&policy_read, split_rule, canary) {
+impl Checker<'_, '_> {
+    /// The index, as written, of item `index` of the list at `path` after the items the
+    /// schema refused were left out.
+    fn original_index(&self, path: &str, index: usize) -> usize {
+        let removed = |k: usize| {
+            let item = format!("{}[{}]", path, k);
+            self.schema_errors.iter().any(|e| e.path == item)
+        };
+        (0..).filter(|k| !removed(*k)).nth(index).unwrap_or(index)
+    }
+
+    fn error(&mut self, path: &str, message: impl Into<String>) {
+        self.errors.push(path, message);
+    }
+
+    fn base(&self) -> PathBuf {
+        match self.origin {
+            Origin::File(file) => file.parent().map(Path::to_path_buf).unwrap_or_default(),
+            Origin::Rollout(_) => PathBuf::new(),
+        }
+    }
+
+    fn required<'v, T>(&mut self, value: &'v Option<T>, path: &str) -> Option<&'v T> {
+        if value.is_none() {
+            self.error(path, "required field is missing");
+        }
+        value.as_ref()
+    }
+
+    fn spec(&mut self, d: &RolloutDocument) -> Option<RolloutSpec> {
+        let policy_read = self.policy(d);
+        let split_rule = self.required(&d.split_rule, "split_rule").cloned();
+        let canary = self.required(&d.canary, "canary").cloned();
+        if let (Some((_, policy)), Some(rule), Some(canary)) = (&policy_read, &split_rule, &canary)
+        {
             self.check_split(policy, rule, canary);
         }
-        let steps = self
-            .w
-            .required(map, "", "steps")
-            .and_then(|v| self.steps(v));
-        let step_min_duration =
-            self.duration_field(map, "", "step_min_duration", Some(Duration::from_secs(60)));
-        let interval = self.duration_field(map, "", "interval", Some(Duration::from_secs(10)));
+        let steps = self.required(&d.steps, "steps").and_then(|s| self.steps(s));
+        let step_min_duration = self.duration(
+            d.step_min_duration.as_ref(),
+            "step_min_duration",
+            Duration::from_secs(60),
+        );
+        let interval = self.duration(d.interval.as_ref(), "interval", Duration::from_secs(10));
         if let Some(i) = interval {
             if i < Duration::from_millis(100) {
-                self.w.error("interval", "must be at least 100ms");
+                self.error("interval", "must be at least 100ms");
             }
         }
-        let analysis = match map.get("analysis") {
-            Some(v) => self.analysis(v),
-            None => self.analysis(&Value::Object(Map::new())),
-        };
-        let source = match map.get("source") {
+        let analysis = self.analysis(d.analysis.as_ref().unwrap_or(&AnalysisDocument::default()));
+        let source = match &d.source {
             None => Some(SourceSpec::EnvoyAdmin(vec![
                 "http://127.0.0.1:9901".to_string()
             ])),
-            Some(v) => self.source(v),
+            Some(s) => self.source(s),
         };
-        let sink = self
-            .w
-            .required(map, "", "sink")
-            .and_then(|v| self.sink(v, source.as_ref()));
+        let sink = self.sink(d.sink.as_ref(), source.as_ref());
         // Ranges and cross-field rules belong to the verdict's own spec; run them on what
         // could be read (defaults standing in for unreadable fields, whose problems were
         // already reported) so that every problem shows at once.
@@ -317,10 +478,10 @@ impl Reader {
             step_min_duration: step_min_duration.unwrap_or(Duration::from_secs(1)),
             analysis: analysis.clone().map(|(a, _)| a).unwrap_or_default(),
         };
-        let reported: Vec<String> = self.w.errors.iter().map(|e| e.path.clone()).collect();
+        let reported: Vec<String> = self.errors.iter().map(|e| e.path.clone()).collect();
         for problem in judge.problems() {
             if !reported.iter().any(|p| p.starts_with(&problem.path)) {
-                self.w.error(&problem.path, problem.message);
+                self.error(&problem.path, problem.message);
             }
         }
         let (policy_document, policy) = policy_read?;
@@ -329,13 +490,17 @@ impl Reader {
         if !analysis?.1 {
             return None;
         }
+        let file = match self.origin {
+            Origin::File(file) => file.to_path_buf(),
+            Origin::Rollout(r) => r.location(),
+        };
         Some(RolloutSpec {
-            file: file.to_path_buf(),
+            file,
             revision: String::new(),
             policy_document,
             policy,
-            split_rule: split_rule?.to_string(),
-            canary: canary?.to_string(),
+            split_rule: split_rule?,
+            canary: canary?,
             judge,
             interval: interval?,
             source: source?,
@@ -343,31 +508,97 @@ impl Reader {
         })
     }
 
-    /// Reads the base policy; its own errors are reported under `policy`.
-    fn policy(&mut self, path: &Path) -> Option<(Value, Policy)> {
-        let bytes = match std::fs::read(path) {
-            Ok(b) => b,
-            Err(e) => {
-                self.w
-                    .error("policy", format!("cannot read {}: {}", path.display(), e));
+    /// The base policy, from `policy` (a file path, or inline) or `policy_from`; its own
+    /// errors are reported under `policy`.
+    fn policy(&mut self, d: &RolloutDocument) -> Option<(Value, Policy)> {
+        let (text, origin) = match (&d.policy, &d.policy_from, self.origin) {
+            (Some(_), Some(_), _) => {
+                self.error("policy_from", "give either policy or policy_from, not both");
                 return None;
             }
-        };
-        let document: Value = match serde_json::from_slice(&bytes) {
-            Ok(v) => v,
-            Err(e) => {
-                self.w.error(
+            (None, None, _) => {
+                self.error("policy", "required field is missing");
+                return None;
+            }
+            (Some(Value::Object(_)), None, _) => {
+                let document = d.policy.clone().unwrap_or_default();
+                return self.policy_document(document, "the inline policy");
+            }
+            (Some(Value::String(path)), None, Origin::File(_)) => {
+                let path = self.base().join(path);
+                match std::fs::read(&path) {
+                    Ok(bytes) => (bytes, path.display().to_string()),
+                    Err(e) => {
+                        self.error("policy", format!("cannot read {}: {}", path.display(), e));
+                        return None;
+                    }
+                }
+            }
+            (Some(Value::String(path)), None, Origin::Rollout(_)) => {
+                self.error(
                     "policy",
-                    format!("{} is not valid JSON: {}", path.display(), e),
+                    format!("{:?}: a Rollout cannot name a file; write the policy inline as an object, or use policy_from.config_map_key_ref", path),
+                );
+                return None;
+            }
+            (Some(other), None, _) => {
+                self.error(
+                    "policy",
+                    format!(
+                        "expected a file path or the policy as an object, found {}",
+                        kind(other)
+                    ),
+                );
+                return None;
+            }
+            (None, Some(from), Origin::Rollout(rollout)) => {
+                let key_ref =
+                    self.required(&from.config_map_key_ref, "policy_from.config_map_key_ref")?;
+                let name = self.required(&key_ref.name, "policy_from.config_map_key_ref.name");
+                let key = self.required(&key_ref.key, "policy_from.config_map_key_ref.key");
+                let (name, key) = (name?.clone(), key?.clone());
+                match &rollout.referenced_policy {
+                    Some(Ok(text)) => (
+                        text.clone().into_bytes(),
+                        format!("ConfigMap {}/{} key {}", rollout.namespace, name, key),
+                    ),
+                    Some(Err(why)) => {
+                        self.error("policy_from", why.clone());
+                        return None;
+                    }
+                    None => {
+                        self.error(
+                            "policy_from",
+                            format!("ConfigMap {} key {} was not read", name, key),
+                        );
+                        return None;
+                    }
+                }
+            }
+            (None, Some(_), Origin::File(_)) => {
+                self.error(
+                    "policy_from",
+                    "only a Rollout reads its policy from a ConfigMap; in a file, give policy: PATH.json",
                 );
                 return None;
             }
         };
+        let document: Value = match serde_json::from_slice(&text) {
+            Ok(v) => v,
+            Err(e) => {
+                self.error("policy", format!("{} is not valid JSON: {}", origin, e));
+                return None;
+            }
+        };
+        self.policy_document(document, &origin)
+    }
+
+    fn policy_document(&mut self, document: Value, origin: &str) -> Option<(Value, Policy)> {
         match Policy::from_value(&document) {
             Ok(policy) => Some((document, policy)),
             Err(errors) => {
                 for e in errors.iter() {
-                    self.w.error("policy", format!("{}: {}", path.display(), e));
+                    self.error("policy", format!("{}: {}", origin, e));
                 }
                 None
             }
@@ -379,7 +610,7 @@ impl Reader {
             Some(i) => i,
             None => {
                 let names: Vec<&str> = policy.rules.iter().map(|r| r.name.as_str()).collect();
-                self.w.error(
+                self.error(
                     "split_rule",
                     format!(
                         "the policy has no rule {:?} (rules: {})",
@@ -394,7 +625,7 @@ impl Reader {
             Action::Split(split) => {
                 let in_split = split.variants.iter().any(|v| policy.variants[*v] == canary);
                 if !in_split {
-                    self.w.error(
+                    self.error(
                         "canary",
                         format!(
                             "{:?} is not one of the variants of split rule {:?}",
@@ -402,91 +633,53 @@ impl Reader {
                         ),
                     );
                 } else if split.variants.len() < 2 {
-                    self.w.error(
+                    self.error(
                         "split_rule",
                         "the split needs at least one baseline variant besides the canary",
                     );
                 }
             }
             Action::Variant(_) => {
-                self.w
-                    .error("split_rule", format!("rule {:?} is not a split", rule));
+                self.error("split_rule", format!("rule {:?} is not a split", rule));
             }
         }
     }
 
-    fn steps(&mut self, value: &Value) -> Option<Vec<u32>> {
-        let items = match value.as_array() {
-            Some(items) if !items.is_empty() => items,
-            _ => {
-                self.w.error(
-                    "steps",
-                    "expected a non-empty list of canary weights in percent",
-                );
-                return None;
-            }
-        };
-        let mut steps = Vec::with_capacity(items.len());
-        let mut ok = true;
-        for (i, item) in items.iter().enumerate() {
-            match item.as_u64().and_then(|s| u32::try_from(s).ok()) {
-                Some(s) => steps.push(s),
-                None => {
-                    self.w.error(
-                        &format!("steps[{}]", i),
-                        format!("expected a whole percentage, found {}", item),
-                    );
-                    ok = false;
-                }
-            }
+    fn steps(&mut self, steps: &[u32]) -> Option<Vec<u32>> {
+        // A step the schema refused is left out: what remains is not the list as written.
+        if self
+            .schema_errors
+            .iter()
+            .any(|e| e.path.starts_with("steps["))
+        {
+            return None;
         }
-        if ok && steps.last() != Some(&100) {
-            self.w
-                .error("steps", "the last step must be 100 (a full promotion)");
-            ok = false;
+        if steps.is_empty() {
+            self.error(
+                "steps",
+                "expected a non-empty list of canary weights in percent",
+            );
+            return None;
         }
-        if ok {
-            Some(steps)
-        } else {
-            None
+        if steps.last() != Some(&100) {
+            self.error("steps", "the last step must be 100 (a full promotion)");
+            return None;
         }
+        Some(steps.to_vec())
     }
 
-    fn duration_field(
+    fn duration(
         &mut self,
-        map: &Map<String, Value>,
+        value: Option<&Value>,
         path: &str,
-        field: &str,
-        default: Option<Duration>,
+        default: Duration,
     ) -> Option<Duration> {
-        let path = join(path, field);
-        match map.get(field) {
-            None => {
-                if default.is_none() {
-                    self.w.error(&path, "required field is missing");
-                }
-                default
-            }
+        match value {
+            None => Some(default),
             Some(v) => match parse_duration(v) {
                 Ok(d) => Some(d),
                 Err(message) => {
-                    self.w.error(&path, message);
-                    None
-                }
-            },
-        }
-    }
-
-    fn number(&mut self, map: &Map<String, Value>, field: &str, default: f64) -> Option<f64> {
-        match map.get(field) {
-            None => Some(default),
-            Some(v) => match v.as_f64() {
-                Some(x) => Some(x),
-                None => {
-                    self.w.error(
-                        &join("analysis", field),
-                        format!("expected a number, found {}", kind(v)),
-                    );
+                    self.error(path, message);
                     None
                 }
             },
@@ -494,90 +687,50 @@ impl Reader {
     }
 
     /// The analysis section, and whether every field of it could be read.
-    fn analysis(&mut self, value: &Value) -> Option<(Analysis, bool)> {
-        let map = self.w.object(value, "analysis", ANALYSIS_FIELDS)?;
+    fn analysis(&mut self, a: &AnalysisDocument) -> Option<(Analysis, bool)> {
         let d = Analysis::default();
-        let error_ceiling = self.number(map, "error_ceiling", d.error_ceiling);
-        let max_error_rate = self.number(map, "max_error_rate", d.max_error_rate);
-        let max_slow_rate = self.number(map, "max_slow_rate", d.max_slow_rate);
-        let alpha = self.number(map, "alpha", d.alpha);
-        let relative_risk = self.number(map, "relative_risk", d.relative_risk);
-        let latency_threshold_ms = match map.get("latency_threshold_ms") {
+        let latency_threshold_ms = match a.latency_threshold_ms {
             None => Some(d.latency_threshold_ms),
-            Some(v) => match v.as_u64().and_then(|ms| u32::try_from(ms).ok()) {
-                Some(ms) if ENVOY_DEFAULT_BUCKETS_MS.contains(&f64::from(ms)) => Some(ms),
-                _ => {
-                    let bounds: Vec<String> = ENVOY_DEFAULT_BUCKETS_MS
-                        .iter()
-                        .filter(|b| **b >= 1.0)
-                        .map(|b| b.to_string())
-                        .collect();
-                    self.w.error(
-                        "analysis.latency_threshold_ms",
-                        format!(
-                            "{} is not a latency histogram bucket boundary; use one of {}",
-                            v,
-                            bounds.join(", ")
-                        ),
-                    );
-                    None
-                }
-            },
+            Some(ms) if ENVOY_DEFAULT_BUCKETS_MS.contains(&f64::from(ms)) => Some(ms),
+            Some(ms) => {
+                let bounds: Vec<String> = ENVOY_DEFAULT_BUCKETS_MS
+                    .iter()
+                    .filter(|b| **b >= 1.0)
+                    .map(|b| b.to_string())
+                    .collect();
+                self.error(
+                    "analysis.latency_threshold_ms",
+                    format!(
+                        "{} is not a latency histogram bucket boundary; use one of {}",
+                        ms,
+                        bounds.join(", ")
+                    ),
+                );
+                None
+            }
         };
-        let min_requests = match map.get("min_requests") {
-            None => Some(d.min_requests),
-            Some(v) => match v.as_u64() {
-                Some(n) => Some(n),
-                None => {
-                    self.w.error(
-                        "analysis.min_requests",
-                        format!("expected a whole number, found {}", v),
-                    );
-                    None
-                }
-            },
-        };
-        let no_data_timeout =
-            self.duration_field(map, "analysis", "no_data_timeout", Some(d.no_data_timeout));
-        let on_no_data = match map.get("on_no_data") {
-            None => Some(d.on_no_data),
-            Some(v) => match v.as_str() {
-                Some("rollback") => Some(OnNoData::Rollback),
-                Some("hold") => Some(OnNoData::Hold),
-                _ => {
-                    self.w.error(
-                        "analysis.on_no_data",
-                        format!("expected \"rollback\" or \"hold\", found {}", v),
-                    );
-                    None
-                }
-            },
-        };
+        let no_data_timeout = self.duration(
+            a.no_data_timeout.as_ref(),
+            "analysis.no_data_timeout",
+            d.no_data_timeout,
+        );
+        let ok = latency_threshold_ms.is_some() && no_data_timeout.is_some();
         // Unreadable fields (already reported) stand in as defaults, so the range checks
         // on the readable ones still run in this pass.
-        let ok = [
-            error_ceiling,
-            max_error_rate,
-            max_slow_rate,
-            alpha,
-            relative_risk,
-        ]
-        .iter()
-        .all(Option::is_some)
-            && latency_threshold_ms.is_some()
-            && min_requests.is_some()
-            && no_data_timeout.is_some()
-            && on_no_data.is_some();
         let analysis = Analysis {
-            error_ceiling: error_ceiling.unwrap_or(d.error_ceiling),
-            max_error_rate: max_error_rate.unwrap_or(d.max_error_rate),
+            error_ceiling: a.error_ceiling.unwrap_or(d.error_ceiling),
+            max_error_rate: a.max_error_rate.unwrap_or(d.max_error_rate),
             latency_threshold_ms: latency_threshold_ms.unwrap_or(d.latency_threshold_ms),
-            max_slow_rate: max_slow_rate.unwrap_or(d.max_slow_rate),
-            min_requests: min_requests.unwrap_or(d.min_requests),
-            alpha: alpha.unwrap_or(d.alpha),
-            relative_risk: relative_risk.unwrap_or(d.relative_risk),
+            max_slow_rate: a.max_slow_rate.unwrap_or(d.max_slow_rate),
+            min_requests: a.min_requests.unwrap_or(d.min_requests),
+            alpha: a.alpha.unwrap_or(d.alpha),
+            relative_risk: a.relative_risk.unwrap_or(d.relative_risk),
             no_data_timeout: no_data_timeout.unwrap_or(d.no_data_timeout),
-            on_no_data: on_no_data.unwrap_or(d.on_no_data),
+            on_no_data: match a.on_no_data {
+                None => d.on_no_data,
+                Some(OnNoDataDocument::Rollback) => OnNoData::Rollback,
+                Some(OnNoDataDocument::Hold) => OnNoData::Hold,
+            },
             ..d
         };
         Some((analysis, ok))
@@ -588,7 +741,7 @@ impl Reader {
             Value::String(_) => vec![value],
             Value::Array(items) if !items.is_empty() => items.iter().collect(),
             _ => {
-                self.w.error(
+                self.error(
                     path,
                     format!(
                         "expected a URL or a non-empty list of URLs, found {}",
@@ -613,14 +766,14 @@ impl Reader {
                 // The metrics client is built without TLS (admin endpoints and in-cluster
                 // Prometheus are plain HTTP); say so now rather than fail at every read.
                 Some(u) if u.starts_with("https://") => {
-                    self.w.error(
+                    self.error(
                         &item_path,
                         format!("{:?}: https is not supported for metric sources; use http:// (in-cluster or via a local port-forward)", u),
                     );
                     ok = false;
                 }
                 _ => {
-                    self.w.error(
+                    self.error(
                         &item_path,
                         format!("expected an http:// URL, found {}", item),
                     );
@@ -635,46 +788,28 @@ impl Reader {
         }
     }
 
-    fn prometheus(&mut self, value: &Value) -> Option<SourceSpec> {
+    fn prometheus(&mut self, p: &PrometheusDocument) -> Option<SourceSpec> {
         let path = "source.prometheus";
-        let fields = [
-            "url",
-            "metrics",
-            "matchers",
-            "destination_service",
-            "reporter",
-            "versions",
-        ];
-        let p = self.w.object(value, path, &fields)?;
         let url = self
-            .w
-            .required(p, path, "url")
+            .required(&p.url, "source.prometheus.url")
             .and_then(|u| self.urls(u, "source.prometheus.url"))
             .map(|mut urls| urls.remove(0));
-        let matchers = match p.get("matchers") {
-            None => Some(String::new()),
-            Some(m) => self
-                .w
-                .string(m, "source.prometheus.matchers")
-                .map(str::to_string),
-        };
-        let metrics = match p.get("metrics").map(Value::as_str) {
-            None | Some(Some("filter")) => {
-                for field in ["destination_service", "reporter", "versions"] {
-                    if p.contains_key(field) {
-                        self.w.error(&join(path, field), "only with metrics: istio");
+        let matchers = Some(p.matchers.clone().unwrap_or_default());
+        let metrics = match p.metrics {
+            None | Some(MetricsDocument::Filter) => {
+                let istio_only = [
+                    ("destination_service", p.destination_service.is_some()),
+                    ("reporter", p.reporter.is_some()),
+                    ("versions", p.versions.is_some()),
+                ];
+                for (field, given) in istio_only {
+                    if given {
+                        self.error(&join(path, field), "only with metrics: istio");
                     }
                 }
                 Some(PrometheusMetrics::Filter)
             }
-            Some(Some("istio")) => self.istio_metrics(p),
-            Some(_) => {
-                self.w.error(
-                    "source.prometheus.metrics",
-                    "expected \"filter\" or \"istio\"",
-                );
-                None
-            }
+            Some(MetricsDocument::Istio) => self.istio_metrics(p),
         };
         Some(SourceSpec::Prometheus {
             url: url?,
@@ -683,137 +818,130 @@ impl Reader {
         })
     }
 
-    fn istio_metrics(&mut self, p: &Map<String, Value>) -> Option<PrometheusMetrics> {
-        let path = "source.prometheus";
+    fn istio_metrics(&mut self, p: &PrometheusDocument) -> Option<PrometheusMetrics> {
         let destination_service = self
-            .w
-            .required(p, path, "destination_service")
-            .and_then(|v| self.w.string(v, "source.prometheus.destination_service"))
-            .map(str::to_string);
-        let reporter = match p.get("reporter").map(Value::as_str) {
-            None => Some("source".to_string()),
-            Some(Some(r)) if r == "source" || r == "destination" => Some(r.to_string()),
-            Some(_) => {
-                self.w.error(
-                    "source.prometheus.reporter",
-                    "expected \"source\" or \"destination\"",
-                );
-                None
-            }
+            .required(
+                &p.destination_service,
+                "source.prometheus.destination_service",
+            )
+            .cloned();
+        let reporter = match p.reporter {
+            None | Some(ReporterDocument::Source) => "source",
+            Some(ReporterDocument::Destination) => "destination",
         };
-        let versions = match p.get("versions") {
-            None => Some(std::collections::BTreeMap::new()),
-            Some(Value::Object(map)) => {
-                let mut versions = std::collections::BTreeMap::new();
-                let mut ok = true;
-                for (variant, label) in map {
-                    match label.as_str() {
-                        Some(l) if !l.is_empty() => {
-                            versions.insert(variant.clone(), l.to_string());
-                        }
-                        _ => {
-                            self.w.error(
-                                &format!("source.prometheus.versions.{}", variant),
-                                "expected a non-empty destination_version label",
-                            );
-                            ok = false;
-                        }
-                    }
-                }
-                if ok {
-                    Some(versions)
-                } else {
-                    None
-                }
-            }
-            Some(other) => {
-                self.w.error(
-                    "source.prometheus.versions",
-                    format!(
-                        "expected a map of variant to destination_version, found {}",
-                        kind(other)
-                    ),
+        let mut versions = BTreeMap::new();
+        let mut ok = true;
+        for (variant, label) in p.versions.iter().flatten() {
+            if label.is_empty() {
+                self.error(
+                    &format!("source.prometheus.versions.{}", variant),
+                    "expected a non-empty destination_version label",
                 );
-                None
+                ok = false;
+            } else {
+                versions.insert(variant.clone(), label.clone());
             }
-        };
+        }
+        if !ok {
+            return None;
+        }
         Some(PrometheusMetrics::Istio {
             destination_service: destination_service?,
-            reporter: reporter?,
-            versions: versions?,
+            reporter: reporter.to_string(),
+            versions,
         })
     }
 
-    fn source(&mut self, value: &Value) -> Option<SourceSpec> {
-        let map = self
-            .w
-            .object(value, "source", &["envoy_admin", "prometheus"])?;
-        match (map.get("envoy_admin"), map.get("prometheus")) {
+    fn source(&mut self, s: &SourceDocument) -> Option<SourceSpec> {
+        match (&s.envoy_admin, &s.prometheus) {
             (Some(v), None) => self
                 .urls(v, "source.envoy_admin")
                 .map(SourceSpec::EnvoyAdmin),
-            (None, Some(v)) => self.prometheus(v),
+            (None, Some(p)) => self.prometheus(p),
             _ => {
-                self.w
-                    .error("source", "expected exactly one of envoy_admin, prometheus");
+                self.error("source", "expected exactly one of envoy_admin, prometheus");
                 None
             }
         }
     }
 
-    fn sink(&mut self, value: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
-        let map = self.w.object(value, "sink", &["ecds_file", "kubernetes"])?;
-        match (map.get("ecds_file"), map.get("kubernetes")) {
-            (Some(ecds), None) => self.ecds_file(ecds, source),
-            (None, Some(kubernetes)) => self.kubernetes(kubernetes),
+    fn sink(
+        &mut self,
+        sink: Option<&SinkDocument>,
+        source: Option<&SourceSpec>,
+    ) -> Option<SinkSpec> {
+        let rollout = match self.origin {
+            Origin::Rollout(r) => Some(r),
+            Origin::File(_) => None,
+        };
+        let empty = SinkDocument::default();
+        let sink = match (sink, rollout) {
+            (Some(s), _) => s,
+            (None, None) => {
+                self.error("sink", "required field is missing");
+                return None;
+            }
+            // A Rollout writes an EnvoyFilter; without a sink section it still needs the
+            // module's location, reported below.
+            (None, Some(_)) => &empty,
+        };
+        match (&sink.ecds_file, &sink.kubernetes, rollout) {
+            (Some(ecds), None, None) => self.ecds_file(ecds, source),
+            (None, Some(kubernetes), None) => self.kubernetes(kubernetes),
+            (None, Some(kubernetes), Some(r)) => self.rollout_kubernetes(kubernetes, r),
+            (Some(_), _, Some(_)) => {
+                self.error(
+                    "sink.ecds_file",
+                    "a Rollout writes an Istio EnvoyFilter: use sink.kubernetes",
+                );
+                None
+            }
+            (None, None, Some(_)) => {
+                self.error(
+                    "sink.kubernetes",
+                    "required field is missing (a Rollout needs at least sink.kubernetes.wasm: where the proxies get the module)",
+                );
+                None
+            }
             _ => {
-                self.w
-                    .error("sink", "expected ecds_file or kubernetes (exactly one)");
+                self.error("sink", "expected ecds_file or kubernetes (exactly one)");
                 None
             }
         }
     }
 
-    fn ecds_file(&mut self, ecds: &Value, source: Option<&SourceSpec>) -> Option<SinkSpec> {
-        let p = "sink.ecds_file";
-        let m = self.w.object(
-            ecds,
-            p,
-            &["path", "filter_name", "wasm", "admin", "failure_policy"],
-        )?;
+    fn ecds_file(
+        &mut self,
+        ecds: &EcdsFileDocument,
+        source: Option<&SourceSpec>,
+    ) -> Option<SinkSpec> {
+        let base = self.base();
         let path = self
-            .w
-            .required(m, p, "path")
-            .and_then(|v| self.w.string(v, "sink.ecds_file.path"))
-            .map(|s| self.base.join(s));
+            .required(&ecds.path, "sink.ecds_file.path")
+            .map(|s| base.join(s));
         if let Some(path) = &path {
             let folder_ok = path
                 .parent()
                 .is_some_and(|d| d.as_os_str().is_empty() || d.is_dir());
             if !folder_ok {
-                self.w.error(
+                self.error(
                     "sink.ecds_file.path",
                     format!("folder of {} does not exist", path.display()),
                 );
             }
         }
-        let filter_name = match m.get("filter_name") {
-            None => Some("meshcanary".to_string()),
-            Some(v) => self
-                .w
-                .string(v, "sink.ecds_file.filter_name")
-                .map(str::to_string),
-        };
+        let filter_name = ecds
+            .filter_name
+            .clone()
+            .unwrap_or_else(|| "meshcanary".to_string());
         let wasm = self
-            .w
-            .required(m, p, "wasm")
-            .and_then(|v| self.w.string(v, "sink.ecds_file.wasm"))
-            .map(|s| self.base.join(s));
-        let admin = match (m.get("admin"), source) {
+            .required(&ecds.wasm, "sink.ecds_file.wasm")
+            .map(|s| base.join(s));
+        let admin = match (&ecds.admin, source) {
             (Some(v), _) => self.urls(v, "sink.ecds_file.admin"),
             (None, Some(SourceSpec::EnvoyAdmin(urls))) => Some(urls.clone()),
             (None, Some(SourceSpec::Prometheus { .. })) => {
-                self.w.error(
+                self.error(
                     "sink.ecds_file.admin",
                     "required when the source is not envoy_admin: each update is confirmed through Envoy's admin",
                 );
@@ -821,70 +949,86 @@ impl Reader {
             }
             (None, None) => None,
         };
-        let failure_policy = self.failure_policy(m, p, FailurePolicy::Reload);
         Some(SinkSpec::EcdsFile(EcdsFileSpec {
             path: path?,
-            filter_name: filter_name?,
+            filter_name,
             wasm: wasm?,
             admin: admin?,
-            failure_policy: failure_policy?,
+            failure_policy: ecds
+                .failure_policy
+                .map_or(FailurePolicy::Reload, Self::failure_policy),
         }))
     }
 
-    fn kubernetes(&mut self, value: &Value) -> Option<SinkSpec> {
-        let p = "sink.kubernetes";
-        let m = self.w.object(value, p, KUBERNETES_FIELDS)?;
+    /// The sink of a Rollout: its EnvoyFilter lives in the Rollout's namespace (so the
+    /// Rollout can own it) and is named after it unless `name` says otherwise.
+    fn rollout_kubernetes(
+        &mut self,
+        k: &KubernetesDocument,
+        r: &RolloutOrigin,
+    ) -> Option<SinkSpec> {
+        if let Some(ns) = &k.namespace {
+            if *ns != r.namespace {
+                self.error(
+                    "sink.kubernetes.namespace",
+                    format!("{:?}: a Rollout's EnvoyFilter is in the Rollout's own namespace {:?} (omit the field)", ns, r.namespace),
+                );
+            }
+        }
+        if k.kubeconfig.is_some() {
+            self.error(
+                "sink.kubernetes.kubeconfig",
+                "a Rollout is driven with the controller's own credentials (omit the field)",
+            );
+        }
+        let with_defaults = KubernetesDocument {
+            namespace: Some(r.namespace.clone()),
+            name: Some(k.name.clone().unwrap_or_else(|| r.name.clone())),
+            kubeconfig: None,
+            ..k.clone()
+        };
+        self.kubernetes(&with_defaults)
+    }
+
+    fn kubernetes(&mut self, k: &KubernetesDocument) -> Option<SinkSpec> {
         let namespace = self
-            .w
-            .required(m, p, "namespace")
-            .and_then(|v| self.w.string(v, "sink.kubernetes.namespace"))
-            .and_then(|s| self.dns_name(s, "sink.kubernetes.namespace", 63, false));
+            .required(&k.namespace, "sink.kubernetes.namespace")
+            .cloned()
+            .and_then(|s| self.dns_name(&s, "sink.kubernetes.namespace", 63, false));
         // The Lease is `meshcanary-<name>` and must be a valid name too.
         let name = self
-            .w
-            .required(m, p, "name")
-            .and_then(|v| self.w.string(v, "sink.kubernetes.name"))
-            .and_then(|s| self.dns_name(s, "sink.kubernetes.name", 253 - 11, true));
-        let workload_selector = match m.get("workload_selector") {
+            .required(&k.name, "sink.kubernetes.name")
+            .cloned()
+            .and_then(|s| self.dns_name(&s, "sink.kubernetes.name", 253 - 11, true));
+        let workload_selector = match &k.workload_selector {
             None => Some(None),
-            Some(v) => self.workload_selector(v).map(Some),
+            Some(w) => self.workload_selector(w.labels.as_ref()).map(Some),
         };
-        let filter_name = match m.get("filter_name") {
+        let filter_name = match &k.filter_name {
             None => Some("meshcanary".to_string()),
-            Some(v) => match self.w.string(v, "sink.kubernetes.filter_name") {
-                Some(s) if !s.is_empty() && !s.chars().any(char::is_whitespace) => {
-                    Some(s.to_string())
-                }
-                Some(_) => {
-                    self.w.error(
-                        "sink.kubernetes.filter_name",
-                        "must be a non-empty name without spaces",
-                    );
-                    None
-                }
-                None => None,
-            },
+            Some(s) if !s.is_empty() && !s.chars().any(char::is_whitespace) => Some(s.clone()),
+            Some(_) => {
+                self.error(
+                    "sink.kubernetes.filter_name",
+                    "must be a non-empty name without spaces",
+                );
+                None
+            }
         };
         let wasm = self
-            .w
-            .required(m, p, "wasm")
-            .and_then(|v| self.wasm_code(v));
-        let context = match m.get("context") {
+            .required(&k.wasm, "sink.kubernetes.wasm")
+            .and_then(|w| self.wasm_code(w));
+        let context = match &k.context {
             None => Some(vec![PatchContext::SidecarOutbound, PatchContext::Gateway]),
             Some(v) => self.contexts(v),
         };
-        let kubeconfig = match m.get("kubeconfig") {
-            None => Some(None),
-            Some(v) => self
-                .w
-                .string(v, "sink.kubernetes.kubeconfig")
-                .map(|s| Some(self.base.join(s))),
+        let base = self.base();
+        let kubeconfig = k.kubeconfig.as_ref().map(|s| base.join(s));
+        let failure_policy = match (k.failure_policy, &wasm) {
+            (Some(chosen), _) => Self::failure_policy(chosen),
+            (None, Some(WasmCode::Http { .. })) => FailurePolicy::Open,
+            (None, _) => FailurePolicy::Reload,
         };
-        let default_failure = match &wasm {
-            Some(WasmCode::Http { .. }) => FailurePolicy::Open,
-            _ => FailurePolicy::Reload,
-        };
-        let failure_policy = self.failure_policy(m, p, default_failure);
         Some(SinkSpec::Kubernetes(KubernetesSpec {
             namespace: namespace?,
             name: name?,
@@ -892,56 +1036,26 @@ impl Reader {
             filter_name: filter_name?,
             wasm: wasm?,
             context: context?,
-            kubeconfig: kubeconfig?,
-            failure_policy: failure_policy?,
+            kubeconfig,
+            failure_policy,
         }))
     }
 
-    /// A sink's `failure_policy`: one of Envoy's names, `default` when absent.
-    fn failure_policy(
-        &mut self,
-        m: &Map<String, Value>,
-        sink_path: &str,
-        default: FailurePolicy,
-    ) -> Option<FailurePolicy> {
-        let path = join(sink_path, "failure_policy");
-        let v = match m.get("failure_policy") {
-            None => return Some(default),
-            Some(v) => v,
-        };
-        match v.as_str().and_then(FailurePolicy::from_name) {
-            Some(policy) => Some(policy),
-            None => {
-                let names: Vec<&str> = FailurePolicy::ALL.iter().map(|p| p.as_str()).collect();
-                self.w.error(
-                    &path,
-                    format!("expected one of {}, found {}", names.join(", "), v),
-                );
-                None
-            }
+    /// The policy core's failure policy for the document's name of it.
+    fn failure_policy(document: FailurePolicyDocument) -> FailurePolicy {
+        match document {
+            FailurePolicyDocument::FailReload => FailurePolicy::Reload,
+            FailurePolicyDocument::FailOpen => FailurePolicy::Open,
+            FailurePolicyDocument::FailClosed => FailurePolicy::Closed,
         }
     }
 
     /// A Kubernetes object name: a DNS-1123 label (namespaces) or subdomain.
     fn dns_name(&mut self, s: &str, path: &str, max: usize, dots: bool) -> Option<String> {
-        let part_ok = |part: &str| {
-            !part.is_empty()
-                && part
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
-                && !part.starts_with('-')
-                && !part.ends_with('-')
-        };
-        let ok = s.len() <= max
-            && if dots {
-                s.split('.').all(part_ok)
-            } else {
-                part_ok(s)
-            };
-        if ok {
+        if kubernetes_name_ok(s, max, dots) {
             Some(s.to_string())
         } else {
-            self.w.error(
+            self.error(
                 path,
                 format!(
                     "{:?} is not a valid Kubernetes name (lower-case letters, digits and '-'{}, at most {} characters, starting and ending with a letter or digit)",
@@ -954,156 +1068,123 @@ impl Reader {
         }
     }
 
-    fn workload_selector(&mut self, value: &Value) -> Option<BTreeMap<String, String>> {
-        let p = "sink.kubernetes.workload_selector";
-        let m = self.w.object(value, p, &["labels"])?;
-        let labels = self.w.required(m, p, "labels")?;
+    fn workload_selector(
+        &mut self,
+        labels: Option<&BTreeMap<String, String>>,
+    ) -> Option<BTreeMap<String, String>> {
         let lp = "sink.kubernetes.workload_selector.labels";
-        let labels = match labels.as_object() {
+        let labels = match labels {
             Some(l) if !l.is_empty() => l,
-            _ => {
-                self.w.error(
+            Some(_) => {
+                self.error(
                     lp,
                     "expected a non-empty map of labels (omit workload_selector to select every workload in the namespace)",
                 );
                 return None;
             }
+            // Reported by the schema (required).
+            None => return None,
         };
-        let mut out = BTreeMap::new();
         let mut ok = true;
-        for (key, v) in labels {
+        for (key, value) in labels {
             let path = join(lp, key);
             if !label_key_ok(key) {
-                self.w.error(&path, "not a valid label key");
+                self.error(&path, "not a valid label key");
                 ok = false;
             }
-            match v.as_str() {
-                Some(s) if label_value_ok(s) => {
-                    out.insert(key.clone(), s.to_string());
-                }
-                Some(s) => {
-                    self.w
-                        .error(&path, format!("{:?} is not a valid label value", s));
-                    ok = false;
-                }
-                None => {
-                    self.w.error(
-                        &path,
-                        format!("expected a string (quote it), found {}", kind(v)),
-                    );
-                    ok = false;
-                }
+            if !label_value_ok(value) {
+                self.error(&path, format!("{:?} is not a valid label value", value));
+                ok = false;
             }
         }
         if ok {
-            Some(out)
+            Some(labels.clone())
         } else {
             None
         }
     }
 
-    fn wasm_code(&mut self, value: &Value) -> Option<WasmCode> {
-        let p = "sink.kubernetes.wasm";
-        let m = self.w.object(value, p, &["local", "http"])?;
-        match (m.get("local"), m.get("http")) {
-            (Some(v), None) => {
-                let path = self.w.string(v, "sink.kubernetes.wasm.local")?;
+    fn wasm_code(&mut self, w: &WasmDocument) -> Option<WasmCode> {
+        match (&w.local, &w.http) {
+            (Some(path), None) => {
                 if path.starts_with('/') {
-                    Some(WasmCode::Local(path.to_string()))
+                    Some(WasmCode::Local(path.clone()))
                 } else {
-                    self.w.error(
+                    self.error(
                         "sink.kubernetes.wasm.local",
                         format!("{:?}: expected an absolute path on the proxy (inside the istio-proxy container)", path),
                     );
                     None
                 }
             }
-            (None, Some(v)) => {
-                let hp = "sink.kubernetes.wasm.http";
-                let h = self.w.object(v, hp, &["url", "sha256"])?;
+            (None, Some(h)) => {
                 // Fetched by the Istio agent on each proxy, not by the controller.
                 let url = self
-                    .w
-                    .required(h, hp, "url")
-                    .and_then(|u| match u.as_str() {
-                        Some(s)
-                            if ["http://", "https://"].iter().any(|scheme| {
-                                s.strip_prefix(scheme).is_some_and(|rest| {
-                                    !rest.is_empty() && !rest.chars().any(char::is_whitespace)
-                                })
-                            }) =>
-                        {
-                            Some(s.to_string())
-                        }
-                        _ => {
-                            self.w.error(
-                                "sink.kubernetes.wasm.http.url",
-                                format!("expected an http:// or https:// URL, found {}", u),
-                            );
-                            None
-                        }
+                    .required(&h.url, "sink.kubernetes.wasm.http.url")
+                    .and_then(|s| {
+                        let ok = ["http://", "https://"].iter().any(|scheme| {
+                            s.strip_prefix(scheme).is_some_and(|rest| {
+                                !rest.is_empty() && !rest.chars().any(char::is_whitespace)
+                            })
+                        });
+                        ok.then(|| s.clone())
                     });
+                if let (None, Some(s)) = (&url, &h.url) {
+                    self.error(
+                        "sink.kubernetes.wasm.http.url",
+                        format!("expected an http:// or https:// URL, found {:?}", s),
+                    );
+                }
                 // Istio's agent verifies the download against it; without it, the module
                 // is downloaded again and again (Istio's "Distributing WebAssembly Modules").
                 let sha256 = self
-                    .w
-                    .required(h, hp, "sha256")
-                    .and_then(|s| self.w.string(s, "sink.kubernetes.wasm.http.sha256"))
+                    .required(&h.sha256, "sink.kubernetes.wasm.http.sha256")
                     .and_then(|s| {
                         if s.len() == 64 && s.chars().all(|c| c.is_ascii_hexdigit()) {
                             Some(s.to_ascii_lowercase())
                         } else {
-                            self.w.error(
-                                "sink.kubernetes.wasm.http.sha256",
-                                "expected the module's SHA-256 as 64 hex digits (sha256sum)",
-                            );
                             None
                         }
                     });
+                if let (None, Some(_)) = (&sha256, &h.sha256) {
+                    self.error(
+                        "sink.kubernetes.wasm.http.sha256",
+                        "expected the module's SHA-256 as 64 hex digits (sha256sum)",
+                    );
+                }
                 Some(WasmCode::Http {
                     url: url?,
                     sha256: sha256?,
                 })
             }
             _ => {
-                self.w.error(p, "expected exactly one of local, http");
+                self.error(
+                    "sink.kubernetes.wasm",
+                    "expected exactly one of local, http",
+                );
                 None
             }
         }
     }
 
-    fn contexts(&mut self, value: &Value) -> Option<Vec<PatchContext>> {
+    fn contexts(&mut self, items: &[ContextDocument]) -> Option<Vec<PatchContext>> {
         let p = "sink.kubernetes.context";
-        let items = match value.as_array() {
-            Some(items) if !items.is_empty() => items,
-            _ => {
-                self.w
-                    .error(p, "expected a non-empty list of SIDECAR_OUTBOUND, GATEWAY");
-                return None;
-            }
-        };
+        if items.is_empty() {
+            self.error(p, "expected a non-empty list of SIDECAR_OUTBOUND, GATEWAY");
+            return None;
+        }
         let mut out = Vec::new();
         let mut ok = true;
         for (i, item) in items.iter().enumerate() {
-            let path = format!("{}[{}]", p, i);
-            let context = match item.as_str() {
-                Some("SIDECAR_OUTBOUND") => PatchContext::SidecarOutbound,
-                Some("GATEWAY") => PatchContext::Gateway,
-                _ => {
-                    self.w.error(
-                        &path,
-                        format!(
-                            "expected SIDECAR_OUTBOUND or GATEWAY (routing happens on the caller's proxy), found {}",
-                            item
-                        ),
-                    );
-                    ok = false;
-                    continue;
-                }
+            let context = match item {
+                ContextDocument::SidecarOutbound => PatchContext::SidecarOutbound,
+                ContextDocument::Gateway => PatchContext::Gateway,
             };
             if out.contains(&context) {
-                self.w
-                    .error(&path, format!("{} is listed twice", context.as_str()));
+                self.error(
+                    &format!("{}[{}]", p, self.original_index(p, i)),
+                    format!("{} is listed twice", context.as_str()),
+                );
                 ok = false;
             }
             out.push(context);
@@ -1114,6 +1195,25 @@ impl Reader {
             None
         }
     }
+}
+
+/// A Kubernetes object name: a DNS-1123 label (`dots` false) or subdomain of at most
+/// `max` characters.
+pub fn kubernetes_name_ok(s: &str, max: usize, dots: bool) -> bool {
+    let part_ok = |part: &str| {
+        !part.is_empty()
+            && part
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !part.starts_with('-')
+            && !part.ends_with('-')
+    };
+    s.len() <= max
+        && if dots {
+            s.split('.').all(part_ok)
+        } else {
+            part_ok(s)
+        }
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63

@@ -259,7 +259,7 @@ fn the_failure_policy_defaults_to_reload_and_is_read_in_both_sinks() {
     let errors = parsed.expect_err("Istio's spelling is not Envoy's");
     assert!(
         errors.iter().any(|e| e
-            == "sink.kubernetes.failure_policy: expected one of FAIL_RELOAD, FAIL_OPEN, FAIL_CLOSED, found \"FAIL_CLOSE\""),
+            == "sink.kubernetes.failure_policy: expected one of \"FAIL_RELOAD\", \"FAIL_OPEN\", \"FAIL_CLOSED\", found \"FAIL_CLOSE\""),
         "{}",
         errors.join("\n")
     );
@@ -270,7 +270,8 @@ fn the_failure_policy_defaults_to_reload_and_is_read_in_both_sinks() {
     assert!(
         errors
             .iter()
-            .any(|e| e.starts_with("sink.ecds_file.failure_policy: expected one of")),
+            .any(|e| e
+                == "sink.ecds_file.failure_policy: expected a string (quote it), found a number"),
         "{}",
         errors.join("\n")
     );

@@ -224,6 +224,13 @@ fn kubectl_kustomize_builds_the_sample() {
                 "kind: ServiceAccount",
                 "kind: ConfigMap",
                 "name: meshcanary-controller",
+                // serve --kubernetes: the Rollout CRD, cluster-wide rights, the mode.
+                "kind: CustomResourceDefinition",
+                "name: rollouts.meshcanary.io",
+                "kind: ClusterRole",
+                "kind: ClusterRoleBinding",
+                "- --kubernetes",
+                "- rollouts/status",
             ] {
                 assert!(text.contains(kind), "{folder}: no {kind}");
             }

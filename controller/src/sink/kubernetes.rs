@@ -104,7 +104,6 @@ use serde_json::{json, Map, Value};
 
 use super::ecds_file::wasm_filter_config_with_code;
 use super::{ConfigSink, Record, SinkError};
-use crate::rollout::{policy_at, rollout_id};
 use crate::spec::{KubernetesSpec, RolloutSpec, SinkSpec, WasmCode};
 use crate::verdict::Phase;
 
@@ -307,11 +306,11 @@ pub fn render_manifest(spec: &RolloutSpec) -> Result<String, ManifestError> {
         SinkSpec::EcdsFile(_) => return Err(ManifestError::NotKubernetes("ecds_file")),
     };
     let weight = spec.judge.steps.first().copied().unwrap_or(0);
-    let policy = policy_at(spec, weight).map_err(|e| ManifestError::Render(e.to_string()))?;
+    let policy = spec.policy_at(weight).map_err(ManifestError::Render)?;
     // A fixed clock: the same spec and policy must give the same bytes.
     let record = Record {
         applied_weight: weight,
-        ..Record::new(rollout_id(spec), Duration::ZERO)
+        ..Record::new(spec.id(), Duration::ZERO)
     };
     let contexts: Vec<&str> = kubernetes.context.iter().map(|c| c.as_str()).collect();
     let sink = Kubernetes::new(kubernetes, spec.judge.steps.clone());
@@ -1132,6 +1131,64 @@ impl LeaseClaim {
     pub fn identity(&self) -> &str {
         &self.ctx.identity
     }
+
+    /// Why this claim no longer holds the Lease (lost to another writer, deleted, or not
+    /// renewed within the renew deadline); `None` while it does.
+    pub fn lost(&self) -> Option<String> {
+        let state = lock(&self.shared.state);
+        if let Some(why) = &state.lost {
+            return Some(why.clone());
+        }
+        let since = state.renewed_at.elapsed();
+        (since >= self.ctx.deadline).then(|| {
+            format!(
+                "not renewed for {} ms, past the renew deadline",
+                since.as_millis()
+            )
+        })
+    }
+}
+
+/// Claims the Lease `namespace/name` with `client` as `options.identity`: created when
+/// missing, taken over when released or expired, otherwise [`SinkError::Busy`]; renewed
+/// in the background while the claim lives (see the module documentation). This is the
+/// controller-wide leadership of `meshcanary serve --kubernetes`.
+pub async fn claim_lease(
+    client: Client,
+    namespace: &str,
+    name: &str,
+    options: &Options,
+) -> Result<LeaseClaim, SinkError> {
+    let ctx = LeaseCtx {
+        api: Api::namespaced(client, namespace),
+        namespace: namespace.to_string(),
+        name: name.to_string(),
+        identity: options.identity.clone(),
+        duration: options.lease_duration.max(Duration::from_secs(1)),
+        deadline: renew_deadline(options.lease_duration),
+        renew_every: options.renew_every,
+        timeout: options.request_timeout,
+    };
+    let sent_at = Instant::now();
+    let lease = ctx.acquire().await?;
+    let shared = Arc::new(LeaseShared {
+        state: Mutex::new(LeaseState {
+            lease,
+            renewed_at: sent_at,
+            lost: None,
+        }),
+    });
+    let renewer = tokio::spawn(renew(ctx.clone(), shared.clone()));
+    Ok(LeaseClaim {
+        shared,
+        renewer: Some(renewer),
+        ctx,
+    })
+}
+
+/// Makes the process-wide TLS provider choice before a client is built by hand.
+pub fn prepare_tls() {
+    install_crypto_provider();
 }
 
 impl Drop for LeaseClaim {

@@ -11,29 +11,7 @@ use crate::verdict;
 pub mod ecds_file;
 pub mod kubernetes;
 
-/// Names one rollout; a record of another rollout is never resumed.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RolloutId {
-    /// The policy's `name`.
-    pub policy: String,
-    /// The split rule driven.
-    pub split_rule: String,
-    /// The variant under test.
-    pub canary: String,
-    /// Content hash of the spec and base policy: a changed spec is a new release, so a
-    /// finished record of another revision does not stop a new rollout.
-    #[serde(default)]
-    pub revision: String,
-}
-
-impl RolloutId {
-    /// Same policy, rule and canary (the revision may differ).
-    pub fn same_target(&self, other: &RolloutId) -> bool {
-        self.policy == other.policy
-            && self.split_rule == other.split_rule
-            && self.canary == other.canary
-    }
-}
+pub use crate::spec::RolloutId;
 
 /// What the controller persists next to the policy it writes.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
