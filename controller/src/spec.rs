@@ -129,8 +129,8 @@ pub struct KubernetesSpec {
     pub kubeconfig: Option<PathBuf>,
     /// What Envoy does with requests once the filter's VM failed. Default `FAIL_RELOAD`
     /// for a module on the proxy's disk; `FAIL_OPEN` for one the Istio agent downloads
-    /// (`wasm.http`), because the agent answers a failed download with a deny-all filter
-    /// under any other policy.
+    /// (`wasm.http`, `wasm.oci`), because the agent answers a failed download with a
+    /// deny-all filter under any other policy.
     pub failure_policy: FailurePolicy,
 }
 
@@ -145,6 +145,15 @@ pub enum WasmCode {
         url: String,
         /// Lower-case hex SHA-256 of the module.
         sha256: String,
+    },
+    /// `remote.http_uri` with an `oci://` URL: the Istio agent pulls the image (the
+    /// compat-variant shape `make oci` builds) and checks `sha256` against the image's
+    /// manifest digest. Always pinned by digest: a tag alone can move.
+    Oci {
+        /// `oci://REGISTRY/REPOSITORY[:TAG]@sha256:DIGEST`, as written in the spec.
+        url: String,
+        /// The image's manifest digest from `url`, lower-case hex without `sha256:`.
+        digest: String,
     },
 }
 
@@ -881,7 +890,7 @@ impl Reader {
                 .map(|s| Some(self.base.join(s))),
         };
         let default_failure = match &wasm {
-            Some(WasmCode::Http { .. }) => FailurePolicy::Open,
+            Some(WasmCode::Http { .. } | WasmCode::Oci { .. }) => FailurePolicy::Open,
             _ => FailurePolicy::Reload,
         };
         let failure_policy = self.failure_policy(m, p, default_failure);
@@ -1004,9 +1013,9 @@ impl Reader {
 
     fn wasm_code(&mut self, value: &Value) -> Option<WasmCode> {
         let p = "sink.kubernetes.wasm";
-        let m = self.w.object(value, p, &["local", "http"])?;
-        match (m.get("local"), m.get("http")) {
-            (Some(v), None) => {
+        let m = self.w.object(value, p, &["local", "http", "oci"])?;
+        match (m.get("local"), m.get("http"), m.get("oci")) {
+            (Some(v), None, None) => {
                 let path = self.w.string(v, "sink.kubernetes.wasm.local")?;
                 if path.starts_with('/') {
                     Some(WasmCode::Local(path.to_string()))
@@ -1018,7 +1027,7 @@ impl Reader {
                     None
                 }
             }
-            (None, Some(v)) => {
+            (None, Some(v), None) => {
                 let hp = "sink.kubernetes.wasm.http";
                 let h = self.w.object(v, hp, &["url", "sha256"])?;
                 // Fetched by the Istio agent on each proxy, not by the controller.
@@ -1065,8 +1074,25 @@ impl Reader {
                     sha256: sha256?,
                 })
             }
+            (None, None, Some(v)) => {
+                let op = "sink.kubernetes.wasm.oci";
+                let o = self.w.object(v, op, &["url"])?;
+                let url = self.w.required(o, op, "url")?;
+                let up = "sink.kubernetes.wasm.oci.url";
+                let url = self.w.string(url, up)?;
+                match oci_digest(url) {
+                    Ok(digest) => Some(WasmCode::Oci {
+                        url: url.to_string(),
+                        digest,
+                    }),
+                    Err(why) => {
+                        self.w.error(up, format!("{url:?}: {why}"));
+                        None
+                    }
+                }
+            }
             _ => {
-                self.w.error(p, "expected exactly one of local, http");
+                self.w.error(p, "expected exactly one of local, http, oci");
                 None
             }
         }
@@ -1114,6 +1140,75 @@ impl Reader {
             None
         }
     }
+}
+
+/// The manifest digest pinned in an `oci://REGISTRY/REPOSITORY[:TAG]@sha256:DIGEST`
+/// reference (lower-case hex), or why the reference is not one. Istio's agent pulls
+/// `REGISTRY/REPOSITORY…` and compares the digest of the manifest it gets with the one
+/// given, so the digest must be there: a tag alone can be moved to another image.
+fn oci_digest(url: &str) -> Result<String, String> {
+    const EXPECTED: &str =
+        "expected oci://REGISTRY/REPOSITORY@sha256:DIGEST (`make oci` prints it)";
+    let Some(rest) = url.strip_prefix("oci://") else {
+        return Err(EXPECTED.to_string());
+    };
+    if rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("contains a space or control character; {EXPECTED}"));
+    }
+    let Some((name, digest)) = rest.split_once('@') else {
+        return Err(format!(
+            "a tag alone is mutable, pin the image by its digest: {EXPECTED}"
+        ));
+    };
+    let hex = match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) =>
+        {
+            hex
+        }
+        _ => {
+            return Err(format!(
+                "the digest must be sha256: and 64 lower-case hex digits; {EXPECTED}"
+            ))
+        }
+    };
+    let Some((registry, path)) = name.split_once('/') else {
+        return Err(format!("no repository after the registry; {EXPECTED}"));
+    };
+    // A tag may stand before the digest (it is ignored); a ':' in the last path element
+    // starts it.
+    let (repository, tag) = match path.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, Some(tag)),
+        _ => (path, None),
+    };
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    let tag_ok = |t: &str| {
+        t.len() <= 128
+            && t.starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+            && t.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+    };
+    if registry.is_empty() {
+        return Err(format!("no registry host; {EXPECTED}"));
+    }
+    if !repository.split('/').all(component_ok) {
+        return Err(format!(
+            "{repository:?} is not a repository name (lower-case letters, digits, '.', '_', '-', separated by '/'); {EXPECTED}"
+        ));
+    }
+    if let Some(tag) = tag.filter(|t| !tag_ok(t)) {
+        return Err(format!("{tag:?} is not a tag; {EXPECTED}"));
+    }
+    Ok(hex.to_string())
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63
