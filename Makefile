@@ -25,6 +25,9 @@
 #   make bench-controller-smoke  the same with 50 rollouts for 8 s (in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
+#   make oci       the module as an OCI image layout in target/oci/ (no container engine,
+#                  reproducible); prints the digest to pin
+#   make registry-tools  install skopeo and docker-registry (Debian), for the OCI test
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
 #   make toolchain install the Debian packages the build needs (as root)
@@ -55,7 +58,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke
+.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -107,6 +110,25 @@ wasm:
 wasm-test-trap:
 	./scripts/build-wasm.sh meshcanary-filter test-trap
 
+# The module as an OCI image layout (tests/src/bin/meshcanary-oci.rs): one
+# tar+gzip layer holding plugin.wasm, the shape Istio's agent and Envoy Gateway pull.
+# Same module, same bytes. Push it with skopeo (README, "Shipping the module as an OCI image").
+oci: wasm
+	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-oci
+	./target/debug/meshcanary-oci --module $(WASM) --out target/oci
+
+# skopeo (a registry client) and docker-registry (a registry), Debian packages, for
+# tests/tests/oci.rs; installed only when missing.
+registry-tools:
+	@if [ -x /usr/bin/skopeo ] && [ -x /usr/bin/docker-registry ]; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "registry-tools: installing skopeo docker-registry"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq skopeo docker-registry >/dev/null; \
+	else \
+	    echo "registry-tools: run 'sudo apt-get install skopeo docker-registry'" >&2; exit 1; \
+	fi
+
 ## --- checks ----------------------------------------------------------------
 
 fmt:
@@ -132,7 +154,7 @@ unit-wasm: $(RUNNER)
 # Host workspace: the controller (unit tests, verdict simulation, spec, metric sources
 # against real Envoy and Prometheus) and the end-to-end tests. The controller binary is
 # built first: the e2e tests run it as a user would.
-e2e: venv wasm wasm-test-trap
+e2e: venv wasm wasm-test-trap registry-tools
 	$(CARGO) build --locked -p meshcanary
 	$(CARGO) test --locked --workspace -- --test-threads 2
 

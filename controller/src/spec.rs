@@ -147,8 +147,8 @@ pub struct KubernetesSpec {
     pub kubeconfig: Option<PathBuf>,
     /// What Envoy does with requests once the filter's VM failed. Default `FAIL_RELOAD`
     /// for a module on the proxy's disk; `FAIL_OPEN` for one the Istio agent downloads
-    /// (`wasm.http`), because the agent answers a failed download with a deny-all filter
-    /// under any other policy.
+    /// (`wasm.http`, `wasm.oci`), because the agent answers a failed download with a
+    /// deny-all filter under any other policy.
     pub failure_policy: FailurePolicy,
 }
 
@@ -163,6 +163,15 @@ pub enum WasmCode {
         url: String,
         /// Lower-case hex SHA-256 of the module.
         sha256: String,
+    },
+    /// `remote.http_uri` with an `oci://` URL: the Istio agent pulls the image (the
+    /// compat-variant shape `make oci` builds) and checks `sha256` against the image's
+    /// manifest digest. Always pinned by digest: a tag alone can move.
+    Oci {
+        /// `oci://REGISTRY/REPOSITORY[:TAG]@sha256:DIGEST`, as written in the spec.
+        url: String,
+        /// The image's manifest digest from `url`, lower-case hex without `sha256:`.
+        digest: String,
     },
 }
 
@@ -1026,7 +1035,7 @@ impl Checker<'_, '_> {
         let kubeconfig = k.kubeconfig.as_ref().map(|s| base.join(s));
         let failure_policy = match (k.failure_policy, &wasm) {
             (Some(chosen), _) => Self::failure_policy(chosen),
-            (None, Some(WasmCode::Http { .. })) => FailurePolicy::Open,
+            (None, Some(WasmCode::Http { .. } | WasmCode::Oci { .. })) => FailurePolicy::Open,
             (None, _) => FailurePolicy::Reload,
         };
         Some(SinkSpec::Kubernetes(KubernetesSpec {
@@ -1105,8 +1114,8 @@ impl Checker<'_, '_> {
     }
 
     fn wasm_code(&mut self, w: &WasmDocument) -> Option<WasmCode> {
-        match (&w.local, &w.http) {
-            (Some(path), None) => {
+        match (&w.local, &w.http, &w.oci) {
+            (Some(path), None, None) => {
                 if path.starts_with('/') {
                     Some(WasmCode::Local(path.clone()))
                 } else {
@@ -1117,7 +1126,7 @@ impl Checker<'_, '_> {
                     None
                 }
             }
-            (None, Some(h)) => {
+            (None, Some(h), None) => {
                 // Fetched by the Istio agent on each proxy, not by the controller.
                 let url = self
                     .required(&h.url, "sink.kubernetes.wasm.http.url")
@@ -1157,10 +1166,21 @@ impl Checker<'_, '_> {
                     sha256: sha256?,
                 })
             }
+            (None, None, Some(o)) => {
+                let up = "sink.kubernetes.wasm.oci.url";
+                let url = self.required(&o.url, up)?.clone();
+                match oci_digest(&url) {
+                    Ok(digest) => Some(WasmCode::Oci { url, digest }),
+                    Err(why) => {
+                        self.error(up, format!("{url:?}: {why}"));
+                        None
+                    }
+                }
+            }
             _ => {
                 self.error(
                     "sink.kubernetes.wasm",
-                    "expected exactly one of local, http",
+                    "expected exactly one of local, http, oci",
                 );
                 None
             }
@@ -1214,6 +1234,75 @@ pub fn kubernetes_name_ok(s: &str, max: usize, dots: bool) -> bool {
         } else {
             part_ok(s)
         }
+}
+
+/// The manifest digest pinned in an `oci://REGISTRY/REPOSITORY[:TAG]@sha256:DIGEST`
+/// reference (lower-case hex), or why the reference is not one. Istio's agent pulls
+/// `REGISTRY/REPOSITORY…` and compares the digest of the manifest it gets with the one
+/// given, so the digest must be there: a tag alone can be moved to another image.
+fn oci_digest(url: &str) -> Result<String, String> {
+    const EXPECTED: &str =
+        "expected oci://REGISTRY/REPOSITORY@sha256:DIGEST (`make oci` prints it)";
+    let Some(rest) = url.strip_prefix("oci://") else {
+        return Err(EXPECTED.to_string());
+    };
+    if rest.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("contains a space or control character; {EXPECTED}"));
+    }
+    let Some((name, digest)) = rest.split_once('@') else {
+        return Err(format!(
+            "a tag alone is mutable, pin the image by its digest: {EXPECTED}"
+        ));
+    };
+    let hex = match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64
+                && hex
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c)) =>
+        {
+            hex
+        }
+        _ => {
+            return Err(format!(
+                "the digest must be sha256: and 64 lower-case hex digits; {EXPECTED}"
+            ))
+        }
+    };
+    let Some((registry, path)) = name.split_once('/') else {
+        return Err(format!("no repository after the registry; {EXPECTED}"));
+    };
+    // A tag may stand before the digest (it is ignored); a ':' in the last path element
+    // starts it.
+    let (repository, tag) = match path.rsplit_once(':') {
+        Some((repository, tag)) if !tag.contains('/') => (repository, Some(tag)),
+        _ => (path, None),
+    };
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.chars().all(|ch| {
+                ch.is_ascii_lowercase() || ch.is_ascii_digit() || matches!(ch, '.' | '_' | '-')
+            })
+            && c.starts_with(|ch: char| ch.is_ascii_alphanumeric())
+    };
+    let tag_ok = |t: &str| {
+        t.len() <= 128
+            && t.starts_with(|ch: char| ch.is_ascii_alphanumeric() || ch == '_')
+            && t.chars()
+                .all(|ch| ch.is_ascii_alphanumeric() || matches!(ch, '.' | '_' | '-'))
+    };
+    if registry.is_empty() {
+        return Err(format!("no registry host; {EXPECTED}"));
+    }
+    if !repository.split('/').all(component_ok) {
+        return Err(format!(
+            "{repository:?} is not a repository name (lower-case letters, digits, '.', '_', '-', separated by '/'); {EXPECTED}"
+        ));
+    }
+    if let Some(tag) = tag.filter(|t| !tag_ok(t)) {
+        return Err(format!("{tag:?} is not a tag; {EXPECTED}"));
+    }
+    Ok(hex.to_string())
 }
 
 /// A label key: an optional DNS-subdomain prefix and `/`, then a name of at most 63

@@ -110,6 +110,14 @@ async fn a_panicking_or_failing_rollout_is_retried_and_never_stops_the_others() 
     fleet.apply("steady.yaml", spec(dir.path(), "steady", "[50, 100]"));
     fleet.apply("quick.yaml", spec(dir.path(), "quick", "[50, 100]"));
     settle().await;
+    // A panic's unwinding takes as long as the backtrace it captures (RUST_BACKTRACE=1 in
+    // a debug build: 100 ms and more), so the retries get a bounded while to happen.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while (log.launches("panics") < 3 || log.launches("fails") < 3)
+        && std::time::Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     assert!(log.launches("panics") >= 3, "a panic is caught and retried");
     assert!(log.launches("fails") >= 3, "an error is retried");
     assert_eq!(log.launches("steady"), 1, "the others run on, untouched");

@@ -632,6 +632,31 @@ async fn remote_wasm_is_an_http_uri_with_its_sha256() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oci_module_is_an_http_uri_with_the_image_digest_as_its_sha256() {
+    let api = ApiServer::start().await;
+    let mut spec = kubernetes_spec();
+    let digest = "8531412b1f02df78e0bdf891272d03a174945575c0da0e80df9b6ee6af953831";
+    let url = format!("oci://registry.internal:5000/meshcanary/filter@sha256:{digest}");
+    spec.wasm = WasmCode::Oci {
+        url: url.clone(),
+        digest: digest.to_string(),
+    };
+    spec.failure_policy = FailurePolicy::Open;
+    let sink = Kubernetes::new(spec, steps())
+        .with_client(api.client())
+        .with_options(options("controller-a"));
+    sink.apply(&policy(500), &record()).await.expect("apply");
+    let body = &api.exchanges()[0].body;
+    let config = &body["spec"]["configPatches"][0]["patch"]["value"]["typed_config"]["config"];
+    // Istio's agent pulls the oci:// URI and checks `sha256` against the manifest digest.
+    assert_eq!(
+        config["vm_config"]["code"],
+        json!({"remote": {"http_uri": {"uri": url, "timeout": "30s"}, "sha256": digest}})
+    );
+    assert_eq!(config["failure_policy"], "FAIL_OPEN");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn render_is_deterministic_yaml() {
     let api = ApiServer::start().await;
     let a = api

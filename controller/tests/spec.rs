@@ -224,6 +224,116 @@ fn the_kubernetes_sink_is_read_with_its_defaults() {
 }
 
 #[test]
+fn an_oci_module_is_pinned_by_its_image_digest_and_fails_open() {
+    let digest = "8531412b1f02df78e0bdf891272d03a174945575c0da0e80df9b6ee6af953831";
+    for url in [
+        format!("oci://registry.internal:5000/meshcanary/filter@sha256:{digest}"),
+        // A tag may stand before the digest; the digest is what is pulled.
+        format!("oci://registry.internal/team/meshcanary/filter:0.1.0@sha256:{digest}"),
+    ] {
+        let (_dir, parsed) = parse(&with_sink(&format!(
+            "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm:\n      oci: {{url: \"{url}\"}}\n"
+        )));
+        let SinkSpec::Kubernetes(k) = parsed.expect("valid spec").sink else {
+            panic!("expected the kubernetes sink");
+        };
+        assert_eq!(
+            k.wasm,
+            WasmCode::Oci {
+                url: url.clone(),
+                digest: digest.into()
+            }
+        );
+        assert_eq!(
+            k.failure_policy,
+            FailurePolicy::Open,
+            "a module the Istio agent pulls fails open, as an http one"
+        );
+    }
+
+    for (url, expected) in [
+        (
+            "oci://registry.internal/meshcanary/filter:0.1.0".to_string(),
+            "a tag alone is mutable, pin the image by its digest",
+        ),
+        (
+            "oci://registry.internal/meshcanary/filter".to_string(),
+            "a tag alone is mutable",
+        ),
+        (
+            format!(
+                "oci://registry.internal/meshcanary/filter@sha256:{}",
+                digest.to_uppercase()
+            ),
+            "the digest must be sha256: and 64 lower-case hex digits",
+        ),
+        (
+            "oci://registry.internal/meshcanary/filter@sha256:abc".to_string(),
+            "the digest must be sha256: and 64 lower-case hex digits",
+        ),
+        (
+            format!("https://registry.internal/meshcanary/filter@sha256:{digest}"),
+            "expected oci://REGISTRY/REPOSITORY@sha256:DIGEST",
+        ),
+        (
+            format!("oci://registry.internal@sha256:{digest}"),
+            "no repository after the registry",
+        ),
+        (
+            format!("oci:///meshcanary/filter@sha256:{digest}"),
+            "no registry host",
+        ),
+        (
+            format!("oci://registry.internal/MeshCanary/filter@sha256:{digest}"),
+            "is not a repository name",
+        ),
+        (
+            format!("oci://registry.internal/meshcanary/filter:-x@sha256:{digest}"),
+            "\"-x\" is not a tag",
+        ),
+    ] {
+        let (_dir, parsed) = parse(&with_sink(&format!(
+            "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm:\n      oci: {{url: \"{url}\"}}\n"
+        )));
+        let errors = parsed.expect_err(&url);
+        let prefix = format!("sink.kubernetes.wasm.oci.url: {url:?}: ");
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with(&prefix) && e.contains(expected)),
+            "missing {prefix:?}…{expected:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+
+    let (_dir, parsed) = parse(&with_sink(
+        "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm:\n      oci: {sha256: abc}\n",
+    ));
+    let errors = parsed.expect_err("no url");
+    for expected in [
+        "sink.kubernetes.wasm.oci.sha256: unknown field",
+        "sink.kubernetes.wasm.oci.url: required field is missing",
+    ] {
+        assert!(
+            errors.iter().any(|e| e.starts_with(expected)),
+            "missing {expected:?} in:\n{}",
+            errors.join("\n")
+        );
+    }
+    let (_dir, parsed) = parse(&with_sink(&format!(
+        "  kubernetes:\n    namespace: shop\n    name: checkout\n    wasm:\n      local: /m.wasm\n      oci: {{url: \"oci://r/m@sha256:{digest}\"}}\n"
+    )));
+    let errors = parsed.expect_err("two sources");
+    assert!(
+        errors
+            .iter()
+            .any(|e| e == "sink.kubernetes.wasm: expected exactly one of local, http, oci"),
+        "{}",
+        errors.join("\n")
+    );
+}
+
+#[test]
 fn the_failure_policy_defaults_to_reload_and_is_read_in_both_sinks() {
     let (_dir, parsed) = parse(VALID);
     let SinkSpec::EcdsFile(ecds) = parsed.expect("valid spec").sink else {

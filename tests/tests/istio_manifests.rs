@@ -142,6 +142,20 @@ async fn the_wasmplugin_policy_routes_requests_in_real_envoy() {
     let plugin = read_yaml("alternatives/wasmplugin.yaml");
     assert_eq!(plugin["spec"]["url"], format!("file://{PROXY_WASM_PATH}"));
     assert_eq!(plugin["spec"]["failStrategy"], "FAIL_RELOAD");
+    // Its commented OCI alternative: pinned by digest, the same digest as sha256, and
+    // failing open (a failed pull must not install a deny-all filter).
+    let text = std::fs::read_to_string(manifest("alternatives/wasmplugin.yaml")).expect("read");
+    let commented: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("# "))
+        .collect();
+    let oci = commented
+        .iter()
+        .find_map(|l| l.strip_prefix("url: oci://"))
+        .expect("a commented oci:// url");
+    let (_, digest) = oci.split_once("@sha256:").expect("pinned by digest");
+    assert!(commented.contains(&format!("sha256: {digest}").as_str()));
+    assert!(commented.contains(&"failStrategy: FAIL_OPEN"));
     // Istio hands pluginConfig to the module as its JSON configuration.
     let policy = plugin["spec"]["pluginConfig"].to_string();
     assert_routes(FilterSource::Inline(policy), true).await;

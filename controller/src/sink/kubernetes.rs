@@ -14,7 +14,11 @@
 //!    `TypedExtensionConfig` named after the filter, its `typed_config` the same Wasm
 //!    message the ECDS file sink writes ([`wasm_filter_config_with_code`]), the module
 //!    from a path on the proxy (`vm_config.code.local.filename`) or downloaded by the
-//!    Istio agent (`vm_config.code.remote.http_uri.uri` + `sha256`). It has no `match`:
+//!    Istio agent (`vm_config.code.remote.http_uri.uri` + `sha256`: an `https://` module
+//!    and its sha256, or an `oci://…@sha256:…` image and its manifest digest; the agent
+//!    rewrites every ECDS resource with a remote Wasm module, whoever wrote it, in
+//!    `istio/istio` `pkg/wasm/convert.go`, and pulls `oci://` images with
+//!    `pkg/wasm/imagefetcher.go`). It has no `match`:
 //!    istiod hands an added extension config to every proxy the EnvoyFilter selects whose
 //!    filters ask for that name (`InsertedExtensionConfigurations`, `istio/istio`
 //!    `pilot/pkg/networking/core/envoyfilter/extension_configuration_patch.go`), so one
@@ -206,6 +210,12 @@ pub fn envoy_filter_spec(spec: &KubernetesSpec, policy: &Value) -> Value {
         WasmCode::Local(path) => json!({"local": {"filename": path}}),
         WasmCode::Http { url, sha256 } => {
             json!({"remote": {"http_uri": {"uri": url}, "sha256": sha256}})
+        }
+        // The Istio agent pulls oci:// URIs itself and compares `sha256` with the pulled
+        // manifest's digest. It allows a pull 5 s unless told otherwise; istiod gives a
+        // WasmPlugin's pull 30 s, and so does this.
+        WasmCode::Oci { url, digest } => {
+            json!({"remote": {"http_uri": {"uri": url, "timeout": "30s"}, "sha256": digest}})
         }
     };
     let mut patches = vec![json!({

@@ -316,6 +316,19 @@ pub struct WasmDocument {
     /// A module the Istio agent downloads and checks.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub http: Option<HttpWasmDocument>,
+    /// An OCI image of the module (`make oci`), pulled by the Istio agent and checked
+    /// against the digest the URL pins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<OciWasmDocument>,
+}
+
+/// A module shipped as an OCI image.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct OciWasmDocument {
+    /// `oci://REGISTRY/REPOSITORY[:TAG]@sha256:DIGEST`: always pinned by digest.
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
 }
 
 /// A module downloaded by the Istio agent.
