@@ -17,6 +17,11 @@ impl HeaderMap {
         HeaderMap { bytes }
     }
 
+    /// The serialized bytes, as the host handed them over.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// The pairs in the host's order. Malformed data (which Envoy does not produce) ends
     /// the iteration early instead of panicking: every pair returned lies whole inside
     /// the data, so a truncated map yields a prefix of its pairs.
