@@ -30,9 +30,10 @@ VENV              := .venv
 ENVOY             := $(VENV)/bin/envoy
 WASM              := target/wasm/meshcanary_filter.wasm
 # Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy;
-# Prometheus for the Prometheus-source tests. (kubectl, for `kubectl kustomize` of the
-# Istio manifests, comes from the machine or from Debian's kubernetes-client.)
-DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus
+# Prometheus for the Prometheus-source tests; g++ for libFuzzer's C++ sources (built by
+# the fuzz targets' libfuzzer-sys). (kubectl, for `kubectl kustomize` of the Istio
+# manifests, comes from the machine or from Debian's kubernetes-client.)
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++
 
 # Debian's cargo must never shadow rustup's for host builds.
 CARGO ?= $(shell command -v cargo)
@@ -58,7 +59,7 @@ test: toolchain venv fmt-check lint unit wasm e2e bench-smoke fuzz-smoke
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v kubectl >/dev/null; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \

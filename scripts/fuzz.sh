@@ -53,6 +53,8 @@ main() {
         [[ -f "fuzz/fuzz_targets/$t.rs" ]] || die "no target '$t' (fuzz/fuzz_targets/$t.rs)"
     done
 
+    command -v c++ >/dev/null || die "libFuzzer needs a C++ compiler: 'apt-get install g++' (make toolchain installs it)"
+
     if ! "$tools/bin/cargo-fuzz" --version 2>/dev/null | grep -q " $CARGO_FUZZ_VERSION\$"; then
         echo "fuzz: installing cargo-fuzz $CARGO_FUZZ_VERSION into .tools/"
         start=$(date +%s)
