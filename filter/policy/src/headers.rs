@@ -142,6 +142,16 @@ mod tests {
     }
 
     #[test]
+    fn encode_is_the_inverse_of_pairs_even_with_nul_bytes_inside() {
+        // The format is length-prefixed: a NUL inside a name or value is data, not an end.
+        let pairs: Vec<(&[u8], &[u8])> = vec![(b"a\0b", b"\0"), (b"", b""), (b"x", b"1\02\0")];
+        let map = HeaderMap::from_bytes(serialize(&pairs));
+        assert_eq!(map.pairs().collect::<Vec<_>>(), pairs);
+        assert_eq!(map.get("x"), Some(&b"1\02\0"[..]));
+        assert_eq!(map.as_bytes(), &serialize(&pairs)[..]);
+    }
+
+    #[test]
     fn empty_and_malformed_maps_never_panic() {
         assert_eq!(HeaderMap::default().pairs().count(), 0);
         assert_eq!(HeaderMap::from_bytes(vec![1, 0]).pairs().count(), 0);
