@@ -23,6 +23,9 @@
 #                  lateness, CPU and peak memory per size; target/bench/controller.json
 #                  (~8 minutes; BENCH_CONTROLLER_ARGS to change sizes or duration)
 #   make bench-controller-smoke  the same with 50 rollouts for 8 s (in make test)
+#   make fuzz      every libFuzzer target of fuzz/ for FUZZ_SECONDS each (default 600),
+#                  then a table of executions, exec/s and coverage (scripts/fuzz.sh)
+#   make fuzz-smoke  the same, FUZZ_SMOKE_SECONDS each (default 10; in make test)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make oci       the module as an OCI image layout in target/oci/ (no container engine,
@@ -41,9 +44,10 @@ VENV              := .venv
 ENVOY             := $(VENV)/bin/envoy
 WASM              := target/wasm/meshcanary_filter.wasm
 # Debian packages: the wasm32 toolchain (rustc 1.63 + std for wasm32) and its clippy;
-# Prometheus for the Prometheus-source tests. (kubectl, for `kubectl kustomize` of the
-# Istio manifests, comes from the machine or from Debian's kubernetes-client.)
-DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus
+# Prometheus for the Prometheus-source tests; g++ for libFuzzer's C++ sources (built by
+# the fuzz targets' libfuzzer-sys). (kubectl, for `kubectl kustomize` of the Istio
+# manifests, comes from the machine or from Debian's kubernetes-client.)
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++
 
 # Debian's cargo must never shadow rustup's for host builds.
 CARGO ?= $(shell command -v cargo)
@@ -58,19 +62,19 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools
+.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools fuzz fuzz-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-smoke soak-smoke
+test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-smoke soak-smoke fuzz-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v kubectl >/dev/null; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
@@ -134,10 +138,12 @@ registry-tools:
 fmt:
 	$(CARGO) fmt --all
 	$(CARGO) fmt --all --manifest-path filter/Cargo.toml
+	$(CARGO) fmt --all --manifest-path fuzz/Cargo.toml
 
 fmt-check:
 	$(CARGO) fmt --all --check
 	$(CARGO) fmt --all --check --manifest-path filter/Cargo.toml
+	$(CARGO) fmt --all --check --manifest-path fuzz/Cargo.toml
 
 lint:
 	$(CARGO) clippy --workspace --all-targets --locked -- -D warnings
@@ -170,7 +176,7 @@ crd:
 	./target/debug/meshcanary crd > manifests/istio/controller/crd.yaml
 
 clean:
-	rm -rf target filter/target
+	rm -rf target filter/target fuzz/target
 
 ## --- the controller at scale ------------------------------------------------
 
@@ -260,3 +266,20 @@ bench-smoke: bench-deps
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
 	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json
+
+## --- fuzz ------------------------------------------------------------------
+
+# libFuzzer targets (fuzz/, its own workspace) through cargo-fuzz, installed into .tools/
+# on first use; rustup's stable toolchain with RUSTC_BOOTSTRAP=1. Seeds and dictionaries
+# are committed (fuzz/seeds, fuzz/dict); the growing corpus and any crash input stay
+# under target/fuzz/. Each target is bounded by -max_total_time.
+FUZZ_SECONDS       ?= 600
+FUZZ_SMOKE_SECONDS ?= 10
+
+fuzz:
+	FUZZ_SECONDS=$(FUZZ_SECONDS) CARGO=$(CARGO) ./scripts/fuzz.sh
+
+# Unoptimized targets: half the build time of the optimized ones, which a 10-second run
+# would not win back.
+fuzz-smoke:
+	FUZZ_SECONDS=$(FUZZ_SMOKE_SECONDS) FUZZ_BUILD=dev CARGO=$(CARGO) ./scripts/fuzz.sh

@@ -10,6 +10,10 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::types::{BufferType, MapType, MetricType, Status};
 use std::time::{Duration, UNIX_EPOCH};
 
+/// The decoder of the host's serialized header maps lives in the pure core, where it is
+/// tested natively and fuzzed.
+pub use meshcanary_policy::headers::HeaderMap;
+
 /// Value of a request header, as bytes (values need not be UTF-8).
 pub fn request_header(name: &str) -> Result<Option<Vec<u8>>, Status> {
     hostcalls::get_map_value_bytes(MapType::HttpRequestHeaders, name)
@@ -35,10 +39,10 @@ pub fn request_headers() -> Option<HeaderMap> {
     };
     match status {
         ffi::STATUS_OK if data.is_null() || size == 0 => Some(HeaderMap::default()),
-        ffi::STATUS_OK => Some(HeaderMap {
-            // SAFETY: see above.
-            bytes: unsafe { Vec::from_raw_parts(data, size, size) },
-        }),
+        // SAFETY: see above.
+        ffi::STATUS_OK => Some(HeaderMap::from_bytes(unsafe {
+            Vec::from_raw_parts(data, size, size)
+        })),
         _ => None,
     }
 }
@@ -130,91 +134,6 @@ pub fn set_shared_data(key: &str, value: &[u8], cas: u32) -> bool {
         ffi::proxy_set_shared_data(key.as_ptr(), key.len(), value.as_ptr(), value.len(), cas)
     };
     status == ffi::STATUS_OK
-}
-
-/// A header map as the proxy-wasm ABI serializes it, read in place:
-/// `count: u32`, then `count` × (`name_len: u32`, `value_len: u32`), then each name and
-/// value followed by a NUL byte (all integers little-endian).
-#[derive(Default)]
-pub struct HeaderMap {
-    bytes: Vec<u8>,
-}
-
-impl HeaderMap {
-    /// A map over already serialized bytes (tests, and anything else that has them).
-    #[cfg(test)]
-    pub fn from_bytes(bytes: Vec<u8>) -> HeaderMap {
-        HeaderMap { bytes }
-    }
-
-    /// The pairs in Envoy's order. Malformed data (which Envoy does not produce) ends the
-    /// iteration early instead of panicking.
-    pub fn pairs(&self) -> Pairs<'_> {
-        let count = read_u32(&self.bytes, 0).unwrap_or(0);
-        Pairs {
-            bytes: &self.bytes,
-            remaining: count,
-            index: 0,
-            data: 4usize.saturating_add(count.saturating_mul(8)),
-        }
-    }
-
-    /// The first value of header `name` (lower-case, as Envoy holds names), like the
-    /// host's own single-header read.
-    pub fn get(&self, name: &str) -> Option<&[u8]> {
-        self.pairs()
-            .find(|(n, _)| *n == name.as_bytes())
-            .map(|(_, v)| v)
-    }
-}
-
-/// Iterator over a [`HeaderMap`]'s (name, value) pairs.
-pub struct Pairs<'a> {
-    bytes: &'a [u8],
-    remaining: usize,
-    index: usize,
-    /// Offset of the next name in the data section.
-    data: usize,
-}
-
-impl<'a> Iterator for Pairs<'a> {
-    type Item = (&'a [u8], &'a [u8]);
-
-    fn next(&mut self) -> Option<Self::Item> {
-        if self.remaining == 0 {
-            return None;
-        }
-        let pair = (|| {
-            let sizes = self.index.checked_mul(8)?.checked_add(4)?;
-            let name_len = read_u32(self.bytes, sizes)?;
-            let value_len = read_u32(self.bytes, sizes.checked_add(4)?)?;
-            let name_end = self.data.checked_add(name_len)?;
-            let value_start = name_end.checked_add(1)?;
-            let value_end = value_start.checked_add(value_len)?;
-            let name = self.bytes.get(self.data..name_end)?;
-            let value = self.bytes.get(value_start..value_end)?;
-            Some((name, value, value_end.checked_add(1)?))
-        })();
-        match pair {
-            Some((name, value, next)) => {
-                self.remaining -= 1;
-                self.index += 1;
-                self.data = next;
-                Some((name, value))
-            }
-            None => {
-                self.remaining = 0;
-                None
-            }
-        }
-    }
-}
-
-fn read_u32(bytes: &[u8], at: usize) -> Option<usize> {
-    let raw = bytes.get(at..at.checked_add(4)?)?;
-    let mut word = [0u8; 4];
-    word.copy_from_slice(raw);
-    usize::try_from(u32::from_le_bytes(word)).ok()
 }
 
 /// Replaces every value of a request header with `value`.
@@ -324,70 +243,4 @@ pub fn enqueue(queue: u32, message: &[u8]) -> bool {
 /// Takes one message off a shared queue; false when it is empty (or gone).
 pub fn dequeue(queue: u32) -> bool {
     matches!(hostcalls::dequeue_shared_queue(queue), Ok(Some(_)))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Serializes pairs the way the host does.
-    fn serialize(pairs: &[(&[u8], &[u8])]) -> Vec<u8> {
-        let mut out = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (n, v) in pairs {
-            out.extend_from_slice(&(n.len() as u32).to_le_bytes());
-            out.extend_from_slice(&(v.len() as u32).to_le_bytes());
-        }
-        for (n, v) in pairs {
-            out.extend_from_slice(n);
-            out.push(0);
-            out.extend_from_slice(v);
-            out.push(0);
-        }
-        out
-    }
-
-    #[test]
-    fn reads_pairs_in_order_and_finds_the_first_value() {
-        let bytes = serialize(&[
-            (b":path", b"/a?b=1"),
-            (b"x-dup", b"first"),
-            (b"empty", b""),
-            (b"x-dup", b"second"),
-            (b"bin", &[0xff, 0x00, 0xfe]),
-        ]);
-        let map = HeaderMap::from_bytes(bytes);
-        let names: Vec<&[u8]> = map.pairs().map(|(n, _)| n).collect();
-        assert_eq!(
-            names,
-            vec![&b":path"[..], b"x-dup", b"empty", b"x-dup", b"bin"]
-        );
-        assert_eq!(map.get(":path"), Some(&b"/a?b=1"[..]));
-        assert_eq!(map.get("x-dup"), Some(&b"first"[..]));
-        assert_eq!(map.get("empty"), Some(&b""[..]));
-        assert_eq!(map.get("bin"), Some(&[0xff, 0x00, 0xfe][..]));
-        assert_eq!(map.get("absent"), None);
-    }
-
-    #[test]
-    fn empty_and_malformed_maps_never_panic() {
-        assert_eq!(HeaderMap::default().pairs().count(), 0);
-        assert_eq!(HeaderMap::from_bytes(vec![1, 0]).pairs().count(), 0);
-        // A count larger than the data: nothing readable, and no panic.
-        let mut bytes = serialize(&[(b"a", b"1"), (b"b", b"2")]);
-        bytes[0] = 200;
-        assert_eq!(HeaderMap::from_bytes(bytes).pairs().count(), 0);
-        // Lengths pointing past the end.
-        let mut bytes = serialize(&[(b"a", b"1")]);
-        bytes[8] = 0xff;
-        assert_eq!(HeaderMap::from_bytes(bytes.clone()).pairs().count(), 0);
-        // Truncated data: every prefix is handled.
-        let full = serialize(&[(b"name", b"value"), (b"other", b"x")]);
-        for cut in 0..full.len() {
-            let map = HeaderMap::from_bytes(full[..cut].to_vec());
-            assert!(map.pairs().count() <= 2);
-            let _ = map.get("other");
-        }
-        let huge = [0xff, 0xff, 0xff, 0xff];
-        assert_eq!(HeaderMap::from_bytes(huge.to_vec()).pairs().count(), 0);
-    }
 }

@@ -14,6 +14,7 @@ pub mod bucket;
 pub mod decide;
 pub mod envoy;
 pub mod error;
+pub mod headers;
 pub mod mirror;
 pub mod policy;
 pub mod walk;
