@@ -9,7 +9,9 @@
 //! and the weight the sink last applied: 8 in 10 canaries are healthy (promoted step by
 //! step), 1 in 10 fails 30 % of its requests (rolled back), 1 in 10 has no traffic
 //! (held). A finished rollout is started again as a new release, so the fleet stays at
-//! its size. Starts are spread over the first interval, as real releases are.
+//! its size. Starts are spread over the first interval, as real releases are. Each
+//! rollout: steps 5 → 10 → 25 → 50 → 100 %, two intervals minimum per step, at least 100
+//! canary requests per step, `--rps` requests/s per service (100 by default).
 //!
 //! Measured per size: each tick's lateness (when the source was read, against the
 //! previous read plus one interval — the schedule the rollout loop's ticker keeps), its
@@ -18,7 +20,7 @@
 //! table; written as JSON (`--out`, default target/bench/controller.json).
 //!
 //! `cargo run --release -p meshcanary --example fleet-bench -- [--sizes 100,300,1000]
-//! [--duration-s 150] [--interval-s 10] [--rps 50] [--out FILE]`; `--smoke` is 50
+//! [--duration-s 150] [--interval-s 10] [--rps 100] [--out FILE]`; `--smoke` is 50
 //! rollouts, 0.5 s ticks, 400 requests/s each, 8 s (it checks that ticks were measured
 //! and rollouts ended).
 
@@ -56,7 +58,7 @@ fn settings() -> Result<Settings, String> {
         sizes: vec![100, 300, 1000],
         duration: Duration::from_secs(150),
         interval: Duration::from_secs(10),
-        rps: 50.0,
+        rps: 100.0,
         out: PathBuf::from("target/bench/controller.json"),
         smoke: false,
     };
@@ -369,7 +371,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
     runtime.block_on(async move {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         std::fs::write(dir.path().join("policy.json"), POLICY).map_err(|e| e.to_string())?;
-        let step_time = s.interval * 3;
+        let step_time = s.interval * 2;
         let text = format!(
             "policy: policy.json\nsplit_rule: rollout\ncanary: canary\nsteps: [5, 10, 25, 50, 100]\n\
              step_min_duration: {}ms\ninterval: {}ms\n\
@@ -403,7 +405,12 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         let (finished_tx, mut finished_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let outcomes = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
         let hook_outcomes = Arc::clone(&outcomes);
+        let verdicts = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+        let hook_verdicts = Arc::clone(&verdicts);
         let hook: EventHook = Arc::new(move |key, kind, data| {
+            if matches!(kind, "hold" | "promote" | "complete" | "rollback") {
+                *lock(&hook_verdicts).entry(kind.to_string()).or_default() += 1;
+            }
             if kind == "finished" {
                 if let Some(outcome) = data["outcome_kind"].as_str() {
                     let profile = profile(index_of(Path::new(key)));
@@ -470,6 +477,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         let ticks = samples.len() as f64 + size as f64; // every release's first read too
         let late_1s = samples.iter().filter(|l| **l > 1_000_000).count();
         let outcomes = lock(&outcomes).clone();
+        let verdicts = lock(&verdicts).clone();
         Ok(json!({
             "rollouts": size,
             "runtime": "tokio current_thread (one core)",
@@ -496,6 +504,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
             "rss_kib_end": rss_end,
             "peak_rss_kib": status_kib("VmHWM:"),
             "outcomes": outcomes,
+            "verdicts": verdicts,
             "driven_at_end": snapshot.len(),
         }))
     })
