@@ -20,7 +20,8 @@
 //! table; written as JSON (`--out`, default target/bench/controller.json).
 //!
 //! `cargo run --release -p meshcanary --example fleet-bench -- [--sizes 100,300,1000]
-//! [--duration-s 150] [--interval-s 10] [--rps 100] [--out FILE]`; `--smoke` is 50
+//! [--duration-s 150] [--interval-s 10] [--rps 100] [--aligned] [--out FILE]`; `--aligned`
+//! starts every rollout at once (all tick in the same instant); `--smoke` is 50
 //! rollouts, 0.5 s ticks, 400 requests/s each, 8 s (it checks that ticks were measured
 //! and rollouts ended).
 
@@ -51,6 +52,8 @@ struct Settings {
     rps: f64,
     out: PathBuf,
     smoke: bool,
+    /// Start every rollout at once, so that all tick in the same instant (the worst case).
+    aligned: bool,
 }
 
 fn settings() -> Result<Settings, String> {
@@ -61,6 +64,7 @@ fn settings() -> Result<Settings, String> {
         rps: 100.0,
         out: PathBuf::from("target/bench/controller.json"),
         smoke: false,
+        aligned: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -84,6 +88,7 @@ fn settings() -> Result<Settings, String> {
                 s.rps = 400.0;
                 s.out = PathBuf::from("target/bench/controller-smoke.json");
             }
+            "--aligned" => s.aligned = true,
             "--child" => {}
             other => return Err(format!("unknown argument {other}")),
         }
@@ -439,11 +444,17 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
             spec
         };
         let mut releases = vec![0u64; size];
-        // Starts spread over the first interval.
-        let spread = s.interval.div_f64(size.max(1) as f64);
+        // Starts spread over the first interval (or all at once with --aligned).
+        let spread = if s.aligned {
+            Duration::ZERO
+        } else {
+            s.interval.div_f64(size.max(1) as f64)
+        };
         for (index, release) in releases.iter().enumerate() {
             fleet.apply(&format!("r{index:05}.yaml"), spec_for(index, *release));
-            tokio::time::sleep(spread).await;
+            if !spread.is_zero() {
+                tokio::time::sleep(spread).await;
+            }
         }
         let deadline = started + s.duration;
         loop {
@@ -561,6 +572,7 @@ fn main() -> std::process::ExitCode {
             .args(["--duration-s", &s.duration.as_secs_f64().to_string()])
             .args(["--interval-s", &s.interval.as_secs_f64().to_string()])
             .args(["--rps", &s.rps.to_string()])
+            .args(s.aligned.then_some("--aligned"))
             .output();
         let parsed = output.map_err(|e| e.to_string()).and_then(|o| {
             if o.status.success() {
@@ -586,6 +598,7 @@ fn main() -> std::process::ExitCode {
         "settings": {
             "sizes": s.sizes, "duration_s": s.duration.as_secs_f64(),
             "interval_s": s.interval.as_secs_f64(), "rps_per_rollout": s.rps, "smoke": s.smoke,
+            "aligned_starts": s.aligned,
         },
         "results": results,
         "extrapolation": extrapolation,
