@@ -9,7 +9,9 @@
 //! and the weight the sink last applied: 8 in 10 canaries are healthy (promoted step by
 //! step), 1 in 10 fails 30 % of its requests (rolled back), 1 in 10 has no traffic
 //! (held). A finished rollout is started again as a new release, so the fleet stays at
-//! its size. Starts are spread over the first interval, as real releases are.
+//! its size. Starts are spread over the first interval, as real releases are. Each
+//! rollout: steps 5 → 10 → 25 → 50 → 100 %, two intervals minimum per step, at least 100
+//! canary requests per step, `--rps` requests/s per service (100 by default).
 //!
 //! Measured per size: each tick's lateness (when the source was read, against the
 //! previous read plus one interval — the schedule the rollout loop's ticker keeps), its
@@ -18,7 +20,8 @@
 //! table; written as JSON (`--out`, default target/bench/controller.json).
 //!
 //! `cargo run --release -p meshcanary --example fleet-bench -- [--sizes 100,300,1000]
-//! [--duration-s 150] [--interval-s 10] [--rps 50] [--out FILE]`; `--smoke` is 50
+//! [--duration-s 150] [--interval-s 10] [--rps 100] [--aligned] [--out FILE]`; `--aligned`
+//! starts every rollout at once (all tick in the same instant); `--smoke` is 50
 //! rollouts, 0.5 s ticks, 400 requests/s each, 8 s (it checks that ticks were measured
 //! and rollouts ended).
 
@@ -49,6 +52,8 @@ struct Settings {
     rps: f64,
     out: PathBuf,
     smoke: bool,
+    /// Start every rollout at once, so that all tick in the same instant (the worst case).
+    aligned: bool,
 }
 
 fn settings() -> Result<Settings, String> {
@@ -56,9 +61,10 @@ fn settings() -> Result<Settings, String> {
         sizes: vec![100, 300, 1000],
         duration: Duration::from_secs(150),
         interval: Duration::from_secs(10),
-        rps: 50.0,
+        rps: 100.0,
         out: PathBuf::from("target/bench/controller.json"),
         smoke: false,
+        aligned: false,
     };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
@@ -82,6 +88,7 @@ fn settings() -> Result<Settings, String> {
                 s.rps = 400.0;
                 s.out = PathBuf::from("target/bench/controller-smoke.json");
             }
+            "--aligned" => s.aligned = true,
             "--child" => {}
             other => return Err(format!("unknown argument {other}")),
         }
@@ -369,7 +376,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
     runtime.block_on(async move {
         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
         std::fs::write(dir.path().join("policy.json"), POLICY).map_err(|e| e.to_string())?;
-        let step_time = s.interval * 3;
+        let step_time = s.interval * 2;
         let text = format!(
             "policy: policy.json\nsplit_rule: rollout\ncanary: canary\nsteps: [5, 10, 25, 50, 100]\n\
              step_min_duration: {}ms\ninterval: {}ms\n\
@@ -403,7 +410,12 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         let (finished_tx, mut finished_rx) = tokio::sync::mpsc::unbounded_channel::<String>();
         let outcomes = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
         let hook_outcomes = Arc::clone(&outcomes);
+        let verdicts = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
+        let hook_verdicts = Arc::clone(&verdicts);
         let hook: EventHook = Arc::new(move |key, kind, data| {
+            if matches!(kind, "hold" | "promote" | "complete" | "rollback") {
+                *lock(&hook_verdicts).entry(kind.to_string()).or_default() += 1;
+            }
             if kind == "finished" {
                 if let Some(outcome) = data["outcome_kind"].as_str() {
                     let profile = profile(index_of(Path::new(key)));
@@ -432,11 +444,17 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
             spec
         };
         let mut releases = vec![0u64; size];
-        // Starts spread over the first interval.
-        let spread = s.interval.div_f64(size.max(1) as f64);
+        // Starts spread over the first interval (or all at once with --aligned).
+        let spread = if s.aligned {
+            Duration::ZERO
+        } else {
+            s.interval.div_f64(size.max(1) as f64)
+        };
         for (index, release) in releases.iter().enumerate() {
             fleet.apply(&format!("r{index:05}.yaml"), spec_for(index, *release));
-            tokio::time::sleep(spread).await;
+            if !spread.is_zero() {
+                tokio::time::sleep(spread).await;
+            }
         }
         let deadline = started + s.duration;
         loop {
@@ -470,6 +488,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
         let ticks = samples.len() as f64 + size as f64; // every release's first read too
         let late_1s = samples.iter().filter(|l| **l > 1_000_000).count();
         let outcomes = lock(&outcomes).clone();
+        let verdicts = lock(&verdicts).clone();
         Ok(json!({
             "rollouts": size,
             "runtime": "tokio current_thread (one core)",
@@ -496,6 +515,7 @@ fn measure(size: usize, s: &Settings) -> Result<Value, String> {
             "rss_kib_end": rss_end,
             "peak_rss_kib": status_kib("VmHWM:"),
             "outcomes": outcomes,
+            "verdicts": verdicts,
             "driven_at_end": snapshot.len(),
         }))
     })
@@ -552,6 +572,7 @@ fn main() -> std::process::ExitCode {
             .args(["--duration-s", &s.duration.as_secs_f64().to_string()])
             .args(["--interval-s", &s.interval.as_secs_f64().to_string()])
             .args(["--rps", &s.rps.to_string()])
+            .args(s.aligned.then_some("--aligned"))
             .output();
         let parsed = output.map_err(|e| e.to_string()).and_then(|o| {
             if o.status.success() {
@@ -577,6 +598,7 @@ fn main() -> std::process::ExitCode {
         "settings": {
             "sizes": s.sizes, "duration_s": s.duration.as_secs_f64(),
             "interval_s": s.interval.as_secs_f64(), "rps_per_rollout": s.rps, "smoke": s.smoke,
+            "aligned_starts": s.aligned,
         },
         "results": results,
         "extrapolation": extrapolation,

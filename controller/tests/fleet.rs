@@ -202,3 +202,119 @@ async fn invalid_input_is_listed_with_its_problems_and_driven_once_it_is_valid()
     assert!(view.problems.is_empty());
     fleet.shutdown().await;
 }
+
+/// A sink that keeps the record in memory, and a source that always answers zeros.
+#[derive(Default)]
+struct MemorySink {
+    record: Mutex<Option<meshcanary_controller::sink::Record>>,
+}
+
+impl meshcanary_controller::sink::ConfigSink for MemorySink {
+    type Claim = ();
+    async fn claim(&self) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn load(&self) -> Result<Option<meshcanary_controller::sink::Record>, SinkError> {
+        Ok(self.record.lock().expect("record").clone())
+    }
+    async fn apply(
+        &self,
+        _policy: &serde_json::Value,
+        record: &meshcanary_controller::sink::Record,
+    ) -> Result<(), SinkError> {
+        *self.record.lock().expect("record") = Some(record.clone());
+        Ok(())
+    }
+    async fn save(&self, record: &meshcanary_controller::sink::Record) -> Result<(), SinkError> {
+        *self.record.lock().expect("record") = Some(record.clone());
+        Ok(())
+    }
+    async fn set_abort_mark(&self, _on: bool) -> Result<(), SinkError> {
+        Ok(())
+    }
+    async fn abort_marked(&self) -> Result<bool, SinkError> {
+        Ok(false)
+    }
+    fn render(
+        &self,
+        policy: &serde_json::Value,
+        _record: &meshcanary_controller::sink::Record,
+    ) -> Result<String, SinkError> {
+        Ok(policy.to_string())
+    }
+    fn describe(&self) -> String {
+        "memory".into()
+    }
+}
+
+struct Zeros;
+
+impl meshcanary_controller::source::MetricSource for Zeros {
+    async fn read(
+        &self,
+        _query: &meshcanary_controller::source::Query,
+    ) -> Result<meshcanary_controller::source::Snapshot, meshcanary_controller::source::SourceError>
+    {
+        Ok(meshcanary_controller::source::Snapshot::default())
+    }
+    fn describe(&self) -> String {
+        "zeros".into()
+    }
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn run_release_supersedes_an_unfinished_earlier_revision_and_run_refuses_it() {
+    use meshcanary_controller::rollout;
+    let dir = folder();
+    let sink = MemorySink::default();
+    let first = spec(dir.path(), "steady", "[50, 100]");
+    let events = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = Arc::clone(&events);
+    let mut out = Output::new(Format::Json)
+        .silent()
+        .with_observer(Box::new(move |kind, _| {
+            seen.lock().expect("events").push(kind.to_string())
+        }));
+    let stopped = tokio::time::sleep(Duration::from_millis(200));
+    let result = rollout::run_release(&first, &Zeros, &sink, &mut out, stopped).await;
+    assert!(
+        matches!(result, Err(RunError::Interrupted { step: 0 })),
+        "{result:?}"
+    );
+    let saved = sink.record.lock().expect("record").clone().expect("saved");
+    assert_eq!(saved.rollout.revision, first.revision);
+    assert_eq!(saved.applied_weight, 50);
+
+    // A new revision of the same rollout while the first is unfinished.
+    let second = spec(dir.path(), "steady", "[25, 100]");
+    assert_ne!(second.revision, first.revision);
+    let refused = rollout::run(&second, &Zeros, &sink, &mut out, std::future::ready(())).await;
+    assert!(
+        matches!(refused, Err(RunError::OtherRollout { .. })),
+        "{refused:?}"
+    );
+    let stopped = tokio::time::sleep(Duration::from_millis(200));
+    let result = rollout::run_release(&second, &Zeros, &sink, &mut out, stopped).await;
+    assert!(
+        matches!(result, Err(RunError::Interrupted { step: 0 })),
+        "{result:?}"
+    );
+    let now = sink.record.lock().expect("record").clone().expect("saved");
+    assert_eq!(
+        now.rollout.revision, second.revision,
+        "the new release took over"
+    );
+    assert_eq!(now.applied_weight, 25, "at its own first step");
+    assert_eq!(now.generation, 1, "a new record, not the old one continued");
+    let kinds = events.lock().expect("events").clone();
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "superseded").count(),
+        1,
+        "{kinds:?}"
+    );
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "start").count(),
+        2,
+        "{kinds:?}"
+    );
+}

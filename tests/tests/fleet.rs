@@ -15,6 +15,10 @@ use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
+
+/// The tests of this file run one at a time (even under `--test-threads 2`): the first
+/// compares detection times, which the other test's Envoys and load would disturb.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 /// Requests per second sent to each rollout's Envoy.
 const RPS: u32 = 300;
 
@@ -193,6 +197,7 @@ async fn detection_alone() -> Duration {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_serve_dir_promotes_rolls_back_and_aborts_at_once_beside_an_invalid_spec() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let alone = detection_alone().await;
 
     let root = tempfile::tempdir().expect("temp dir");
@@ -383,6 +388,7 @@ async fn one_serve_dir_promotes_rolls_back_and_aborts_at_once_beside_an_invalid_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_serve_dir_resumes_every_rollout_at_its_step_with_its_evidence() {
+    let _one = ONE_AT_A_TIME.lock().await;
     let root = tempfile::tempdir().expect("temp dir");
     let long = |spec: &mut Value| spec["step_min_duration"] = json!("60s");
     let (mut first, mut second) = tokio::join!(
