@@ -144,10 +144,10 @@ mod tests {
     #[test]
     fn encode_is_the_inverse_of_pairs_even_with_nul_bytes_inside() {
         // The format is length-prefixed: a NUL inside a name or value is data, not an end.
-        let pairs: Vec<(&[u8], &[u8])> = vec![(b"a\0b", b"\0"), (b"", b""), (b"x", b"1\x002\0")];
+        let pairs: Vec<(&[u8], &[u8])> = vec![(b"a\0b", b"\0"), (b"", b""), (b"x", b"1\x002\x00")];
         let map = HeaderMap::from_bytes(serialize(&pairs));
         assert_eq!(map.pairs().collect::<Vec<_>>(), pairs);
-        assert_eq!(map.get("x"), Some(&b"1\x002\0"[..]));
+        assert_eq!(map.get("x"), Some(&b"1\x002\x00"[..]));
         assert_eq!(map.as_bytes(), &serialize(&pairs)[..]);
     }
 
