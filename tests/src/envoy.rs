@@ -231,6 +231,19 @@ fn policy_value(policy_json: &str) -> Value {
     serde_json::from_str(policy_json).expect("test policies are JSON (valid or not as policies)")
 }
 
+/// `VmRSS` of a process (an Envoy's, say: [`Envoy::pid`]), KiB.
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()?
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// A running Envoy; killed when dropped.
 pub struct Envoy {
     child: Child,

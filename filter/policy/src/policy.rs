@@ -273,6 +273,20 @@ impl Decoder {
             None | Some(Value::Null) => Some(None),
             Some(v) => self.mirror(v, "mirror", sample_key).map(Some),
         };
+        if let (Some(decision), Some(Some(mirror))) = (&decision_header, &mirror) {
+            // The filter writes the decision header on every request, so as a marker it
+            // would mark every request for the next hop, and a copy's marker would be
+            // overwritten by its decision.
+            if mirror.marker_header == *decision {
+                self.error(
+                    "mirror.marker_header",
+                    format!(
+                        "{:?} is the decision header; the marker needs a header of its own",
+                        decision
+                    ),
+                );
+            }
+        }
         Some(Policy {
             name: name?,
             decision_header: decision_header?,

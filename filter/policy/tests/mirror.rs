@@ -595,6 +595,13 @@ fn bad_sections() -> Vec<Case> {
             mirror_with(r#""marker_header": null"#),
             &["mirror.marker_header: expected a string, found null"],
         ),
+        case(
+            // The filter sets the decision header on every request: as a marker it would
+            // mark them all for the next hop.
+            "marker_header the decision header",
+            mirror_with(r#""marker_header": "X-Meshcanary-Variant""#),
+            &[r#"mirror.marker_header: "x-meshcanary-variant" is the decision header; the marker needs a header of its own"#],
+        ),
         // --- authority_suffix ---------------------------------------------------------
         case(
             "authority_suffix empty",

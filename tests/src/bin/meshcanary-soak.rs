@@ -20,6 +20,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use meshcanary_e2e::envoy::rss_kib;
 use meshcanary_e2e::{
     paths, write_ecds, Behaviour, Cluster, Envoy, EnvoyConfig, FilterSource, Upstream,
 };
@@ -87,19 +88,6 @@ fn shadow_behaviour(n: u64) -> Behaviour {
             ..Behaviour::default()
         }
     }
-}
-
-/// `VmRSS` of a process, KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()?
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

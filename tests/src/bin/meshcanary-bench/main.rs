@@ -283,7 +283,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
     // --- 4. after the load: memory and counters, then stop everything ------------------
     let mut measured = Vec::with_capacity(running.len());
     for (setup, envoy, runs) in running {
-        let rss_kib = envoy.pid().and_then(rss_kib);
+        let rss_kib = envoy.pid().and_then(meshcanary_e2e::envoy::rss_kib);
         let prefix = format!("wasmcustom.meshcanary.{}.", setups::POLICY_NAME);
         let mut counters: Vec<(String, u64)> = envoy
             .stats()
@@ -663,19 +663,6 @@ fn smoke_check(measured: &[Measured], timings: &[micro::Timing], out: &Path) -> 
     } else {
         Err(format!("smoke check failed:\n  {}", problems.join("\n  ")))
     }
-}
-
-/// `VmRSS` of a process, KiB.
-fn rss_kib(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()
 }
 
 /// `nproc` and the CPU model.
