@@ -11,13 +11,17 @@
 //! re-apply replaces its own fields (so leaving one out removes it) and leaves other
 //! managers' fields alone.
 
+mod api_server;
+
+use api_server::Exchange;
+
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::service::service_fn;
 use hyper::{Request, Response};
@@ -44,16 +48,6 @@ const JSON: &str = "application/json";
 
 // ---------------------------------------------------------------------------------------
 // The fake API server.
-
-/// One request as the server saw it.
-#[derive(Debug, Clone)]
-struct Exchange {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
 
 impl Exchange {
     /// `METHOD path?query content-type`, for exact comparisons.
@@ -324,33 +318,7 @@ async fn serve(
     world: Shared,
     request: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let method = request.method().to_string();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let content_type = request
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let bytes = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)))
-    };
-    let exchange = Exchange {
-        method,
-        path,
-        query,
-        content_type,
-        body,
-    };
+    let exchange = Exchange::read(request).await;
     let behavior = {
         let mut w = lock(&world);
         w.exchanges.push(exchange.clone());

@@ -10,6 +10,10 @@
 //! The metrics come from an in-process source (a healthy or a broken canary), so the
 //! rollouts run to their end in about a second each.
 
+mod api_server;
+
+use api_server::Exchange;
+
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -47,15 +51,6 @@ const APPLY: &str = "application/apply-patch+yaml";
 
 // ---------------------------------------------------------------------------------------
 // The fake API server.
-
-#[derive(Debug, Clone)]
-struct Exchange {
-    method: String,
-    path: String,
-    query: String,
-    content_type: String,
-    body: Value,
-}
 
 impl Exchange {
     fn line(&self) -> String {
@@ -351,33 +346,7 @@ async fn serve(
     world: Shared,
     request: Request<Incoming>,
 ) -> Result<Response<BoxBody<Bytes, Infallible>>, Infallible> {
-    let method = request.method().to_string();
-    let path = request.uri().path().to_string();
-    let query = request.uri().query().unwrap_or_default().to_string();
-    let content_type = request
-        .headers()
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let bytes = request
-        .into_body()
-        .collect()
-        .await
-        .map(|b| b.to_bytes())
-        .unwrap_or_default();
-    let body = if bytes.is_empty() {
-        Value::Null
-    } else {
-        serde_json::from_slice(&bytes).unwrap_or_else(|_| json!(String::from_utf8_lossy(&bytes)))
-    };
-    let exchange = Exchange {
-        method,
-        path,
-        query,
-        content_type,
-        body,
-    };
+    let exchange = Exchange::read(request).await;
     let answer = {
         let mut w = lock(&world);
         w.exchanges.push(exchange.clone());
