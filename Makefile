@@ -47,7 +47,7 @@ WASM              := target/wasm/meshcanary_filter.wasm
 # Prometheus for the Prometheus-source tests; g++ for libFuzzer's C++ sources (built by
 # the fuzz targets' libfuzzer-sys). (kubectl, for `kubectl kustomize` of the Istio
 # manifests, comes from the machine or from Debian's kubernetes-client.)
-DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++ faketime
 
 # Debian's cargo must never shadow rustup's for host builds.
 CARGO ?= $(shell command -v cargo)
@@ -74,7 +74,7 @@ test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-s
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null && command -v faketime >/dev/null; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
