@@ -725,9 +725,15 @@ async fn hold_through_metric_faults(
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_answers_again() {
-    use meshcanary_e2e::faults::{Fault, FaultProxy};
+/// A healthy rollout whose metrics — Envoy's admin, or a real Prometheus scraping it when
+/// `prometheus` — are read through a fault-injecting proxy, put through `faults` (see
+/// [`hold_through_metric_faults`]) once the first step is applied; it must then finish.
+async fn metric_faults_hold_the_rollout(
+    prometheus: bool,
+    faults: &[(meshcanary_e2e::faults::Fault, Duration, &str)],
+) {
+    use meshcanary_e2e::faults::FaultProxy;
+    use meshcanary_e2e::prometheus::PrometheusServer;
     let mut admin = String::new();
     let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, envoy| {
         admin = envoy.admin.clone();
@@ -739,10 +745,17 @@ async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_ans
         spec["sink"]["ecds_file"]["admin"] = json!([envoy.admin]);
     })
     .await;
-    let proxy = FaultProxy::start(&admin).await;
+    let server = match prometheus {
+        true => Some(PrometheusServer::start(std::slice::from_ref(&admin)).await),
+        false => None,
+    };
+    let proxy = FaultProxy::start(server.as_ref().map_or(&admin, |p| &p.url)).await;
     let mut spec: Value =
         serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
-    spec["source"]["envoy_admin"] = json!([proxy.url()]);
+    spec["source"] = match prometheus {
+        true => json!({"prometheus": {"url": proxy.url()}}),
+        false => json!({"envoy_admin": [proxy.url()]}),
+    };
     std::fs::write(&bench.spec, spec.to_string()).expect("spec");
     bench.start_load(300);
     let mut run = Controller::run(&bench.spec);
@@ -753,9 +766,27 @@ async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_ans
         "{}",
         run.transcript()
     );
-    hold_through_metric_faults(
-        &run,
-        &proxy,
+    hold_through_metric_faults(&run, &proxy, faults).await;
+    assert_eq!(bench.ecds_canary_weight(), 2_000, "held at the first step");
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
+    assert!(
+        run.wait_event("source", Duration::ZERO, |e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("readable again")))
+            .await
+            .is_some(),
+        "{}",
+        run.transcript()
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_answers_again() {
+    use meshcanary_e2e::faults::Fault;
+    metric_faults_hold_the_rollout(
+        false,
         &[
             (Fault::Status(500), Duration::from_secs(2), "500"),
             // Longer than the admin source's 2 s timeout.
@@ -778,53 +809,16 @@ async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_ans
         ],
     )
     .await;
-    assert_eq!(bench.ecds_canary_weight(), 2_000, "held at the first step");
-    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
-    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
-    assert!(
-        run.wait_event("source", Duration::ZERO, |e| e["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("readable again")))
-            .await
-            .is_some(),
-        "{}",
-        run.transcript()
-    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prometheus_answering_500_slowly_or_garbage_holds_the_rollout_until_it_answers_again() {
-    use meshcanary_e2e::faults::{Fault, FaultProxy};
-    use meshcanary_e2e::prometheus::{prometheus_available, PrometheusServer};
-    if !prometheus_available("a_prometheus_answering_500") {
+    use meshcanary_e2e::faults::Fault;
+    if !meshcanary_e2e::prometheus::prometheus_available("a_prometheus_answering_500") {
         return;
     }
-    let mut admin = String::new();
-    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, envoy| {
-        admin = envoy.admin.clone();
-        spec["step_min_duration"] = json!("1s");
-        spec["analysis"]["no_data_timeout"] = json!("60s");
-        spec["sink"]["ecds_file"]["admin"] = json!([envoy.admin]);
-    })
-    .await;
-    let prometheus = PrometheusServer::start(std::slice::from_ref(&admin)).await;
-    let proxy = FaultProxy::start(&prometheus.url).await;
-    let mut spec: Value =
-        serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
-    spec["source"] = json!({"prometheus": {"url": proxy.url()}});
-    std::fs::write(&bench.spec, spec.to_string()).expect("spec");
-    bench.start_load(300);
-    let mut run = Controller::run(&bench.spec);
-    assert!(
-        run.wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
-            .await
-            .is_some(),
-        "{}",
-        run.transcript()
-    );
-    hold_through_metric_faults(
-        &run,
-        &proxy,
+    metric_faults_hold_the_rollout(
+        true,
         &[
             (Fault::Status(503), Duration::from_secs(2), "503"),
             // Longer than the Prometheus source's 5 s timeout.
@@ -840,10 +834,6 @@ async fn a_prometheus_answering_500_slowly_or_garbage_holds_the_rollout_until_it
         ],
     )
     .await;
-    assert_eq!(bench.ecds_canary_weight(), 2_000, "held at the first step");
-    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
-    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
-    drop(prometheus);
 }
 
 /// Kills `bench`'s Envoy and starts it again with the same configuration, reading the
