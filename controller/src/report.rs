@@ -110,12 +110,13 @@ pub struct RolloutRun {
 }
 
 impl RolloutRun {
-    /// The section's title: the rollout's name, and the run's number after the first.
+    /// The section's title: the rollout's name (`run` streams have none: the canary's
+    /// then), and the run's number after the first.
     pub fn title(&self) -> String {
-        let name = if self.name.is_empty() {
-            "rollout"
-        } else {
-            &self.name
+        let name = match (&self.canary, self.name.is_empty()) {
+            (Some(canary), true) => format!("rollout of {canary}"),
+            (None, true) => "rollout".to_string(),
+            (_, false) => self.name.clone(),
         };
         if self.run > 1 {
             format!("{name} (run {})", self.run)
@@ -414,11 +415,11 @@ fn section(html: &mut String, index: usize, run: &RolloutRun) {
         escape(&run.title())
     );
     let steps: Vec<String> = run.steps.iter().map(u64::to_string).collect();
-    let _ = write!(
+    let _ = writeln!(
         html,
         "<dl class=\"summary\"><dt>outcome</dt><dd class=\"outcome\">{}</dd>\
          <dt>steps</dt><dd>{}</dd><dt>canary</dt><dd>{}</dd><dt>baseline</dt><dd>{}</dd>\
-         <dt>events</dt><dd>{:.1} s – {:.1} s: {} weights applied, {} verdicts with numbers</dd></dl>\n",
+         <dt>events</dt><dd>{:.1} s – {:.1} s: {} weights applied, {} verdicts with numbers</dd></dl>",
         escape(&run.outcome()),
         if steps.is_empty() {
             "—".to_string()
@@ -619,7 +620,13 @@ fn markers(run: &RolloutRun) -> Vec<Marker> {
             t: v.t,
             kind: v.kind.clone(),
             label: match v.kind.as_str() {
-                "promote" => format!("promote (step {})", v.step + 1),
+                "promote" => match usize::try_from(v.step + 1)
+                    .ok()
+                    .and_then(|next| run.steps.get(next))
+                {
+                    Some(weight) => format!("promote → {weight} %"),
+                    None => format!("promote (step {} passed)", v.step + 1),
+                },
                 other => other.to_string(),
             },
         })
@@ -709,10 +716,10 @@ fn figure(html: &mut String, chart: &Chart) {
         } else {
             trim_number(tick)
         };
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<line class=\"grid\" x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>\n",
+             <text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"end\">{label}</text>",
             LEFT + plot_w,
             LEFT - 6.0,
             y + 4.0
@@ -720,27 +727,27 @@ fn figure(html: &mut String, chart: &Chart) {
     }
     for tick in ticks(x0, x1) {
         let x = sx(tick);
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<line class=\"grid\" x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/>\
-             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>\n",
+             <text x=\"{x:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}</text>",
             TOP + plot_h,
             TOP + plot_h + 15.0,
             trim_number(tick)
         );
     }
-    let _ = write!(
+    let _ = writeln!(
         html,
-        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">seconds</text>\n",
+        "<text x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">seconds</text>",
         LEFT + plot_w / 2.0,
         HEIGHT - 4.0
     );
     if let Some((b, label)) = &chart.boundary {
         let y = sy(*b);
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<g class=\"boundary\" data-value=\"{b}\"><line x1=\"{LEFT}\" x2=\"{:.1}\" y1=\"{y:.1}\" y2=\"{y:.1}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\">{}</text></g>\n",
+             <text x=\"{:.1}\" y=\"{:.1}\">{}</text></g>",
             LEFT + plot_w,
             LEFT + plot_w + 6.0,
             y + 4.0,
@@ -749,11 +756,11 @@ fn figure(html: &mut String, chart: &Chart) {
     }
     for marker in chart.markers {
         let x = sx(marker.t);
-        let _ = write!(
+        let _ = writeln!(
             html,
             "<g class=\"marker m-{kind}\" data-verdict=\"{kind}\" data-t=\"{t}\"><title>{t:.1} s: {label}</title>\
              <line x1=\"{x:.1}\" x2=\"{x:.1}\" y1=\"{TOP}\" y2=\"{:.1}\"/>\
-             <text x=\"{:.1}\" y=\"{:.1}\" transform=\"rotate(-90 {:.1} {:.1})\">{label}</text></g>\n",
+             <text x=\"{:.1}\" y=\"{:.1}\" transform=\"rotate(-90 {:.1} {:.1})\">{label}</text></g>",
             TOP + plot_h,
             x - 3.0,
             TOP + plot_h - 4.0,
@@ -806,9 +813,9 @@ fn figure(html: &mut String, chart: &Chart) {
         );
         html.push_str("</g>\n");
         if dots == 0 {
-            let _ = write!(
+            let _ = writeln!(
                 html,
-                "<text class=\"none\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}: no data in the stream</text>\n",
+                "<text class=\"none\" x=\"{:.1}\" y=\"{:.1}\" text-anchor=\"middle\">{}: no data in the stream</text>",
                 LEFT + plot_w / 2.0,
                 TOP + 20.0 + 16.0 * i as f64,
                 escape(&series.name)
