@@ -367,4 +367,31 @@ async fn every_dashboard_query_runs_against_prometheus_scraping_envoy_and_the_co
     );
     assert_eq!(finished, 1.0);
     serve.kill().await;
+
+    // The same run's `serve --output json` stream makes a report with the rollout's
+    // section, named by its spec file (tests/report.rs checks pages in a browser).
+    let stream: String = serve
+        .events()
+        .iter()
+        .map(|e| format!("{}\n", e.json))
+        .collect();
+    let events = root.path().join("serve.jsonl");
+    std::fs::write(&events, stream).expect("events file");
+    let output = Command::new(paths::meshcanary_bin())
+        .arg("report")
+        .arg(&events)
+        .output()
+        .await
+        .expect("meshcanary report runs");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let page = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        page.contains("data-rollout=\"checkout.yaml\"")
+            && page.contains("data-verdict=\"complete\""),
+        "a section for checkout.yaml with its completion"
+    );
 }
