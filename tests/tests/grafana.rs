@@ -17,9 +17,10 @@ use serde_json::{json, Value};
 use tokio::process::Command;
 
 /// Template variables as Grafana would fill them for this test's Prometheus (1 s
-/// scrapes), the policy and every rollout.
+/// scrapes), the policy and every rollout. The rate window reaches back past the
+/// promotion to 100 %, so that the stable variant still has traffic in it.
 const VARIABLES: &[(&str, &str)] = &[
-    ("$__rate_interval", "15s"),
+    ("$__rate_interval", "30s"),
     ("$__interval", "1s"),
     ("$__range", "2m"),
     ("${policy}", "checkout"),
