@@ -57,11 +57,11 @@ struct Image {
     digest: String,
 }
 
-fn build_image() -> Image {
+fn build_image(module: &Path) -> Image {
     let dir = tempfile::tempdir().expect("temp dir");
     let layout = dir.path().join("oci");
     let out = std::process::Command::new(OCI)
-        .args(["--module", &paths::wasm().display().to_string(), "--out"])
+        .args(["--module", &module.display().to_string(), "--out"])
         .arg(&layout)
         .output()
         .expect("run meshcanary-oci");
@@ -134,16 +134,19 @@ fn hex(bytes: &[u8]) -> String {
 
 /// `meshcanary render` of a rollout whose module is `image`, for `target`; its documents
 /// by kind.
-fn render(image: &Image, target: &str) -> BTreeMap<String, Value> {
+fn render(image: &Image, target: &str, failure_policy: Option<&str>) -> BTreeMap<String, Value> {
     let dir = tempfile::tempdir().expect("temp dir");
     std::fs::write(dir.path().join("policy.json"), POLICY).expect("policy");
     // The first step is 25 %: enough canary users among 400 to see the split.
-    let spec = format!(
+    let mut spec = format!(
         "policy: policy.json\nsplit_rule: rollout\ncanary: canary\nsteps: [25, 50, 100]\n\
          sink:\n  kubernetes:\n    namespace: shop\n    name: checkout-canary\n    \
          wasm: {{oci: {{url: \"oci://registry.example/meshcanary/filter@sha256:{}\"}}}}\n",
         image.digest
     );
+    if let Some(policy) = failure_policy {
+        spec.push_str(&format!("    failure_policy: {policy}\n"));
+    }
     std::fs::write(dir.path().join("spec.yaml"), spec).expect("spec");
     let out = std::process::Command::new(paths::meshcanary_bin())
         .arg("render")
@@ -232,7 +235,12 @@ struct Listener {
     elsewhere: Upstream,
 }
 
-async fn start_listener(route: &Value, filter: Value, enable_per_route: Option<&str>) -> Listener {
+async fn start_listener(
+    route: &Value,
+    filter: Value,
+    enable_per_route: Option<&str>,
+    workers: u32,
+) -> Listener {
     let stable = Upstream::start("stable").await;
     let canary = Upstream::start("canary").await;
     let elsewhere = Upstream::start("elsewhere").await;
@@ -270,7 +278,7 @@ async fn start_listener(route: &Value, filter: Value, enable_per_route: Option<&
         {"name": "other-route", "domains": ["elsewhere.example.com"],
          "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "elsewhere"}}]}
     ]});
-    let envoy = Envoy::start_with_file(&bootstrap.to_string(), "envoy.json", 2)
+    let envoy = Envoy::start_with_file(&bootstrap.to_string(), "envoy.json", workers)
         .await
         .unwrap_or_else(|log| panic!("Envoy refused the translated configuration:\n{log}"));
     Listener {
@@ -353,8 +361,8 @@ async fn decided_elsewhere(listener: &Listener) -> Option<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_api_wasmplugin_and_httproute_route_requests_in_real_envoy() {
-    let image = build_image();
-    let docs = render(&image, "gateway-api");
+    let image = build_image(&paths::wasm());
+    let docs = render(&image, "gateway-api", None);
     let plugin = &docs["WasmPlugin"];
     let route = &docs["HTTPRoute"];
     assert_eq!(plugin["spec"]["targetRefs"][0]["kind"], "Gateway");
@@ -386,7 +394,7 @@ async fn the_gateway_api_wasmplugin_and_httproute_route_requests_in_real_envoy()
             "failure_policy": failure_policy,
         }}
     });
-    let listener = start_listener(route, filter, None).await;
+    let listener = start_listener(route, filter, None, 2).await;
     assert_routing(&listener).await;
     // Attached to the Gateway: the filter decides for every route on it.
     assert_eq!(
@@ -395,12 +403,15 @@ async fn the_gateway_api_wasmplugin_and_httproute_route_requests_in_real_envoy()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_envoy_gateway_extension_policy_and_httproute_route_requests_in_real_envoy() {
-    let image = build_image();
-    let docs = render(&image, "envoy-gateway");
-    let policy = &docs["EnvoyExtensionPolicy"];
-    let route = &docs["HTTPRoute"];
+/// Envoy Gateway's translation of a rendered EnvoyExtensionPolicy (on `route`), with the
+/// module pulled from `image`: the listener's filter and its name, which the targeted
+/// HTTPRoute's routes enable.
+fn envoy_gateway_filter(
+    image: &Image,
+    policy: &Value,
+    route: &Value,
+    into: &Path,
+) -> (Value, String) {
     assert_eq!(policy["spec"]["targetRefs"][0]["kind"], "HTTPRoute");
     assert_eq!(
         policy["spec"]["targetRefs"][0]["name"],
@@ -408,21 +419,19 @@ async fn the_envoy_gateway_extension_policy_and_httproute_route_requests_in_real
     );
     let wasm = &policy["spec"]["wasm"][0];
     assert_eq!(wasm["code"]["type"], "Image");
-    let pulled = tempfile::tempdir().expect("temp dir");
     let module = image.pull(
         wasm["code"]["image"]["url"].as_str().expect("image url"),
         wasm["code"]["image"]["sha256"].as_str().expect("sha256"),
-        pulled.path(),
+        into,
     );
-    // Envoy Gateway's names: `<policy namespace>/<policy name>/wasm/<index>` for the VM and
-    // the filter, the `wasm` entry's name for the plugin.
+    // Envoy Gateway's names: `envoyextensionpolicy/<namespace>/<name>/wasm/<index>` for
+    // the VM and (prefixed) the filter, the `wasm` entry's name for the plugin.
     let resource = format!(
         "envoyextensionpolicy/{}/{}/wasm/0",
         policy["metadata"]["namespace"].as_str().unwrap_or(""),
         policy["metadata"]["name"].as_str().unwrap_or("")
     );
     let filter_name = format!("envoy.filters.http.wasm/{resource}");
-    assert_eq!(wasm["failOpen"], true);
     let filter = json!({
         "name": filter_name,
         "disabled": true,
@@ -435,11 +444,84 @@ async fn the_envoy_gateway_extension_policy_and_httproute_route_requests_in_real
             "fail_open": wasm["failOpen"],
         }}
     });
-    let listener = start_listener(route, filter, Some(&filter_name)).await;
+    (filter, filter_name)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_envoy_gateway_extension_policy_and_httproute_route_requests_in_real_envoy() {
+    let image = build_image(&paths::wasm());
+    let docs = render(&image, "envoy-gateway", None);
+    let policy = &docs["EnvoyExtensionPolicy"];
+    let route = &docs["HTTPRoute"];
+    assert_eq!(policy["spec"]["wasm"][0]["failOpen"], true);
+    let pulled = tempfile::tempdir().expect("temp dir");
+    let (filter, filter_name) = envoy_gateway_filter(&image, policy, route, pulled.path());
+    let listener = start_listener(route, filter, Some(&filter_name), 2).await;
     assert_routing(&listener).await;
     // On the HTTPRoute only: another route of the same listener is not decided.
     assert_eq!(decided_elsewhere(&listener).await, None);
     // Give the VM a moment to log anything it would, then check again.
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert_no_wasm_failure(&listener.envoy.log());
+}
+
+/// The filter's test build traps on a request carrying this header (`make wasm-test-trap`).
+const TRAP_HEADER: &str = "x-meshcanary-test-trap";
+
+/// Under the rendered EnvoyExtensionPolicy, with the filter's test build (which traps on
+/// a marked request) as the image: the QA request's answers before the trap, for the
+/// trapping request, and for 20 QA requests after it (status, upstream). One worker, so
+/// the trap takes the only VM.
+async fn qa_answers_around_a_trap(failure_policy: Option<&str>) -> (Value, Vec<(u16, String)>) {
+    let image = build_image(&paths::trap_wasm());
+    let docs = render(&image, "envoy-gateway", failure_policy);
+    let policy = docs["EnvoyExtensionPolicy"].clone();
+    let route = &docs["HTTPRoute"];
+    let pulled = tempfile::tempdir().expect("temp dir");
+    let (filter, filter_name) = envoy_gateway_filter(&image, &policy, route, pulled.path());
+    let listener = start_listener(route, filter, Some(&filter_name), 1).await;
+    let envoy = &listener.envoy;
+    let qa: [(&str, &[u8]); 2] = [("host", HOST.as_bytes()), ("x-canary", b"always")];
+    let mut answers = Vec::new();
+    let before = get(envoy, "/", &qa).await;
+    answers.push((before.status, before.upstream));
+    let trapped = get(envoy, "/", &[qa[0], qa[1], (TRAP_HEADER, b"1")]).await;
+    answers.push((trapped.status, trapped.upstream));
+    for _ in 0..20 {
+        let after = get(envoy, "/", &qa).await;
+        answers.push((after.status, after.upstream));
+    }
+    assert!(
+        envoy.log().contains("test-trap build: trapping"),
+        "the module trapped: {}",
+        envoy.log()
+    );
+    (policy["spec"]["wasm"][0]["failOpen"].clone(), answers)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn envoy_gateway_fail_open_keeps_traffic_flowing_to_stable_after_the_filter_fails() {
+    let (fail_open, answers) = qa_answers_around_a_trap(None).await;
+    assert_eq!(fail_open, true, "the default rendering fails open");
+    eprintln!("failOpen: true: {answers:?}");
+    assert_eq!(
+        answers[0],
+        (200, "canary".to_string()),
+        "routed before the trap"
+    );
+    // The dead filter is bypassed: no decision header, the HTTPRoute's stable rule; the
+    // trapping request itself passes too under Envoy's `fail_open`.
+    for answer in &answers[1..] {
+        assert_eq!(answer, &(200, "stable".to_string()), "{answers:?}");
+    }
+    // What `failOpen: false` (Envoy Gateway's default, rendered only for an explicit
+    // FAIL_CLOSED) does instead: every request after the trap fails.
+    let (fail_open, answers) = qa_answers_around_a_trap(Some("FAIL_CLOSED")).await;
+    assert_eq!(fail_open, false);
+    eprintln!("failOpen: false: {answers:?}");
+    assert_eq!(answers[0], (200, "canary".to_string()));
+    assert!(
+        answers[1..].iter().all(|(status, _)| *status >= 500),
+        "{answers:?}"
+    );
 }
