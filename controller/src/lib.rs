@@ -15,6 +15,7 @@
 )]
 
 pub mod fleet;
+pub mod gateway;
 pub mod kubernetes;
 pub mod output;
 pub mod render;

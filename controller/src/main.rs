@@ -13,6 +13,9 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use meshcanary_controller::fleet::{Launcher, StopSignal};
+use meshcanary_controller::gateway::{
+    render_gateway, Backend, GatewayOptions, GatewayRef, GatewayRenderError, Target,
+};
 use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, Outcome, RunError};
 use meshcanary_controller::sink::kubernetes::{render_manifest, ManifestError};
@@ -109,9 +112,35 @@ enum Command {
         spec: PathBuf,
         /// `kubernetes`: print the EnvoyFilter to commit (GitOps) for the rollout's first
         /// step, without contacting a cluster; needs a sink.kubernetes section.
-        #[arg(long, value_enum)]
+        #[arg(long, value_enum, conflicts_with = "target")]
         sink: Option<RenderSink>,
+        /// Documents for a Gateway API `Gateway` instead (with --gateway and a --backend
+        /// per variant): `gateway-api` an Istio WasmPlugin attached by `targetRefs`,
+        /// `envoy-gateway` an Envoy Gateway EnvoyExtensionPolicy; each with an HTTPRoute
+        /// routing on the decision header. Offline; needs a sink.kubernetes section.
+        #[arg(long, value_enum, requires_all = ["gateway", "backend"])]
+        target: Option<RenderTarget>,
+        /// With --target: the Gateway, `NAMESPACE/NAME`.
+        #[arg(long, value_name = "NAMESPACE/NAME", requires = "target")]
+        gateway: Option<GatewayRef>,
+        /// With --target: where a variant's requests go, `VARIANT=SERVICE:PORT` (a Service
+        /// in sink.kubernetes.namespace); once per variant of the policy.
+        #[arg(long, value_name = "VARIANT=SERVICE:PORT", requires = "target")]
+        backend: Vec<Backend>,
+        /// With --target: a hostname of the HTTPRoute (repeatable; none: every hostname
+        /// the Gateway's listeners accept).
+        #[arg(long, requires = "target")]
+        hostname: Vec<String>,
     },
+}
+
+/// What `render --target` renders for.
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum RenderTarget {
+    /// An Istio WasmPlugin attached to the Gateway (`targetRefs`) + an HTTPRoute.
+    GatewayApi,
+    /// An Envoy Gateway EnvoyExtensionPolicy on an HTTPRoute + that HTTPRoute.
+    EnvoyGateway,
 }
 
 /// What `render --sink` renders for.
@@ -282,10 +311,45 @@ async fn main() -> ExitCode {
             ExitCode::from(EXIT_INVALID)
         }
         Command::Report { events } => report(&events),
-        Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
+        Command::Render {
+            spec,
+            target: Some(target),
+            gateway: Some(gateway),
+            backend,
+            hostname,
+            ..
+        } => {
+            let options = GatewayOptions {
+                target: match target {
+                    RenderTarget::GatewayApi => Target::GatewayApi,
+                    RenderTarget::EnvoyGateway => Target::EnvoyGateway,
+                },
+                gateway,
+                backends: backend,
+                hostnames: hostname,
+            };
+            with_spec(
+                &spec,
+                &mut out,
+                async |spec: &RolloutSpec, out: &mut Output| {
+                    render_for_gateway(spec, &options, out)
+                },
+            )
+            .await
+        }
+        Command::Render {
+            target: Some(_), ..
+        } => {
+            eprintln!("meshcanary: render --target needs --gateway NAMESPACE/NAME");
+            ExitCode::from(EXIT_INVALID)
+        }
+        Command::Render {
+            spec, sink: None, ..
+        } => with_spec(&spec, &mut out, render).await,
         Command::Render {
             spec,
             sink: Some(RenderSink::Kubernetes),
+            ..
         } => with_spec(&spec, &mut out, render_kubernetes).await,
     }
 }
@@ -677,6 +741,24 @@ fn report(events: &Path) -> ExitCode {
         Err(e) => {
             eprintln!("meshcanary: cannot write the report: {}", e);
             ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+/// `render --target`: offline and deterministic; exit 2 for a spec or flags that cannot
+/// give the documents.
+fn render_for_gateway(spec: &RolloutSpec, options: &GatewayOptions, _out: &mut Output) -> ExitCode {
+    match render_gateway(spec, options) {
+        Ok(text) => {
+            print!("{}", text);
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("meshcanary: {}: {}", spec.file.display(), e);
+            match e {
+                GatewayRenderError::Usage(_) => ExitCode::from(EXIT_INVALID),
+                GatewayRenderError::Render(_) => ExitCode::from(EXIT_FAILURE),
+            }
         }
     }
 }

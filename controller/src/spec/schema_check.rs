@@ -7,6 +7,15 @@
 //! `x-kubernetes-preserve-unknown-fields`, so an unknown field is an error, not silently
 //! dropped. The one liberty: `x-kubernetes-int-or-string` (used for durations) also
 //! takes a fractional number here, as spec files always have.
+//!
+//! Besides types, `properties`, `additionalProperties`, `required`, `enum`, `minimum` /
+//! `maximum` and the integer formats, it checks `minLength` / `maxLength` (in characters,
+//! as the API server counts them), `pattern` (the API server's regular expressions are
+//! RE2's, which the `regex` crate follows) and `minItems` / `maxItems`, so vendored schemas
+//! of other projects' CRDs (Gateway API, Envoy Gateway, Istio) are checked as far as a
+//! structural schema goes, and `allOf` (every part must hold) and `anyOf` (one must).
+//! Not checked: `x-kubernetes-validations` (CEL rules), `oneOf`, `not`, `format` beyond
+//! the integer ranges, and list-map uniqueness.
 
 use meshcanary_policy::walk::{join, kind};
 use meshcanary_policy::ConfigErrors;
@@ -59,6 +68,7 @@ pub fn check(
         }
         Some("array") => match &mut *value {
             Value::Array(items) => {
+                check_length(items.len(), "items", schema, path, errors);
                 let items_schema = schema.get("items").cloned().unwrap_or(Value::Null);
                 let mut position = 0;
                 items.retain_mut(|item| {
@@ -77,7 +87,7 @@ pub fn check(
             other => mismatch(errors, "a list", &*other),
         },
         Some("string") => match &*value {
-            Value::String(_) => true,
+            Value::String(text) => check_string(text, schema, path, errors),
             other @ (Value::Number(_) | Value::Bool(_)) => {
                 mismatch(errors, "a string (quote it)", other)
             }
@@ -101,6 +111,41 @@ pub fn check(
     };
     if !kept {
         return false;
+    }
+    if let Some(parts) = schema.get("allOf").and_then(Value::as_array) {
+        for part in parts {
+            if !check(value, part, path, wording, errors) {
+                return false;
+            }
+        }
+    }
+    if let Some(choices) = schema.get("anyOf").and_then(Value::as_array) {
+        let mut first_problems = None;
+        let fits = choices.iter().any(|choice| {
+            let mut trial = value.clone();
+            let mut found = ConfigErrors::default();
+            check(&mut trial, choice, path, wording, &mut found);
+            let fits = found.is_empty();
+            if first_problems.is_none() {
+                first_problems = Some(found);
+            }
+            fits
+        });
+        if !fits && !choices.is_empty() {
+            let why: Vec<String> = first_problems
+                .iter()
+                .flat_map(|f| f.iter().map(ToString::to_string))
+                .collect();
+            errors.push(
+                path,
+                format!(
+                    "fits none of the {} schemas of anyOf (the first: {})",
+                    choices.len(),
+                    why.join("; ")
+                ),
+            );
+            return false;
+        }
     }
     if let Some(allowed) = schema.get("enum").and_then(Value::as_array) {
         let allowed: Vec<&Value> = allowed.iter().filter(|v| !v.is_null()).collect();
@@ -164,6 +209,65 @@ fn check_object(
             if map.get(name).is_none_or(Value::is_null) {
                 errors.push(&join(path, name), "required field is missing");
             }
+        }
+    }
+    true
+}
+
+/// `minLength` / `maxLength` / `minItems` / `maxItems`: a count against its bounds
+/// (`unit` is `characters` or `items`). Reported, but the value stays: it has the right
+/// type, so the typed read of the rest is not disturbed by it.
+fn check_length(
+    count: usize,
+    unit: &str,
+    schema: &serde_json::Map<String, Value>,
+    path: &str,
+    errors: &mut ConfigErrors,
+) {
+    let (min_key, max_key) = if unit == "items" {
+        ("minItems", "maxItems")
+    } else {
+        ("minLength", "maxLength")
+    };
+    let count = count as u64;
+    if let Some(min) = schema.get(min_key).and_then(Value::as_u64) {
+        if count < min {
+            errors.push(
+                path,
+                format!("has {} {}, at least {} expected", count, unit, min),
+            );
+        }
+    }
+    if let Some(max) = schema.get(max_key).and_then(Value::as_u64) {
+        if count > max {
+            errors.push(
+                path,
+                format!("has {} {}, at most {} allowed", count, unit, max),
+            );
+        }
+    }
+}
+
+/// A string's length and `pattern`. A pattern this checker cannot compile is reported as
+/// a problem too: a check that silently did not run would pass anything.
+fn check_string(
+    text: &str,
+    schema: &serde_json::Map<String, Value>,
+    path: &str,
+    errors: &mut ConfigErrors,
+) -> bool {
+    check_length(text.chars().count(), "characters", schema, path, errors);
+    if let Some(pattern) = schema.get("pattern").and_then(Value::as_str) {
+        match regex::Regex::new(pattern) {
+            Ok(re) if re.is_match(text) => {}
+            Ok(_) => errors.push(
+                path,
+                format!("{:?} does not match the pattern {}", text, pattern),
+            ),
+            Err(e) => errors.push(
+                path,
+                format!("the schema's pattern {} cannot be checked: {}", pattern, e),
+            ),
         }
     }
     true
@@ -274,6 +378,59 @@ mod tests {
             ]
         );
         assert_eq!(value, json!({"b": ["x"], "m": {"j": "ok"}}));
+    }
+
+    #[test]
+    fn lengths_patterns_and_item_counts() {
+        let schema = json!({"type": "object", "properties": {
+            "name": {"type": "string", "minLength": 1, "maxLength": 5, "pattern": "^[a-z]+$"},
+            "list": {"type": "array", "maxItems": 2, "items": {"type": "integer"}},
+            "bad": {"type": "string", "pattern": "(unclosed"}
+        }});
+        let (value, errors) = run(
+            json!({"name": "Ab-cdef", "list": [1, 2, 3], "bad": "x"}),
+            schema.clone(),
+        );
+        assert_eq!(
+            errors,
+            vec![
+                "bad: the schema's pattern (unclosed cannot be checked: regex parse error:\n    (unclosed\n    ^\nerror: unclosed group",
+                "list: has 3 items, at most 2 allowed",
+                "name: has 7 characters, at most 5 allowed",
+                "name: \"Ab-cdef\" does not match the pattern ^[a-z]+$",
+            ]
+        );
+        assert_eq!(
+            value,
+            json!({"name": "Ab-cdef", "list": [1, 2, 3], "bad": "x"})
+        );
+        let (_, errors) = run(json!({"name": "", "list": []}), schema);
+        assert_eq!(
+            errors,
+            vec![
+                "name: has 0 characters, at least 1 expected",
+                "name: \"\" does not match the pattern ^[a-z]+$",
+            ]
+        );
+    }
+
+    #[test]
+    fn all_of_and_any_of() {
+        let schema = json!({"type": "object", "properties": {
+            "t": {"type": "string", "allOf": [{"enum": ["a", "b"]}, {"enum": ["a", "b", "c"]}]},
+            "u": {"anyOf": [{"type": "integer"}, {"type": "string", "maxLength": 2}]}
+        }});
+        let (_, errors) = run(json!({"t": "a", "u": "ab"}), schema.clone());
+        assert!(errors.is_empty(), "{errors:?}");
+        let (value, errors) = run(json!({"t": "c", "u": "abc"}), schema);
+        assert_eq!(
+            errors,
+            vec![
+                "t: expected \"a\" or \"b\", found \"c\"",
+                "u: fits none of the 2 schemas of anyOf (the first: u: expected a whole number, found a string)",
+            ]
+        );
+        assert_eq!(value, json!({}));
     }
 
     #[test]
