@@ -13,6 +13,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod control;
 pub mod fleet;
 pub mod kubernetes;
 pub mod output;
