@@ -165,7 +165,9 @@ impl Control {
                     request: text.to_string(),
                     accepted: true,
                     forced: false,
-                    detail: "paused: the canary holds its weight; verdicts are reported, not applied".to_string(),
+                    detail:
+                        "paused: the canary holds its weight; verdicts are reported, not applied"
+                            .to_string(),
                     step,
                     unix_ms,
                 }
@@ -279,7 +281,10 @@ mod tests {
         let ack = control
             .follow_pause_mark(Some("ops via meshcanary pause"), 1, 1000)
             .expect("a new pause is acknowledged");
-        assert_eq!((ack.command, ack.accepted, ack.step), (Command::Pause, true, 1));
+        assert_eq!(
+            (ack.command, ack.accepted, ack.step),
+            (Command::Pause, true, 1)
+        );
         assert_eq!(
             control.paused,
             Some(Paused {

@@ -346,7 +346,11 @@ where
     }
 }
 
-pub(crate) fn report_invalid(file: &Path, errors: &meshcanary_policy::ConfigErrors, out: &mut Output) {
+pub(crate) fn report_invalid(
+    file: &Path,
+    errors: &meshcanary_policy::ConfigErrors,
+    out: &mut Output,
+) {
     let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
     for problem in &problems {
         eprintln!("{}: {}", file.display(), problem);

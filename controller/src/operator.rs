@@ -108,7 +108,10 @@ pub async fn command(
         None => None,
         Some(s) if s.is_finite() && s > 0.0 => Some(Duration::from_secs_f64(s)),
         Some(s) => {
-            eprintln!("meshcanary: --timeout {}: expected a positive number of seconds", s);
+            eprintln!(
+                "meshcanary: --timeout {}: expected a positive number of seconds",
+                s
+            );
             return ExitCode::from(EXIT_INVALID);
         }
     };
@@ -261,7 +264,11 @@ async fn run(
     // Nobody confirmed: withdraw the mark, so that a controller started later does not
     // act on a command reported as failed (a pause is put back as it was).
     let withdrawn = match command {
-        Command::Pause => target.set_mark(MarkKind::Pause, was_paused.as_deref()).await,
+        Command::Pause => {
+            target
+                .set_mark(MarkKind::Pause, was_paused.as_deref())
+                .await
+        }
         Command::Resume => Ok(()),
         Command::Promote => target.set_mark(MarkKind::Promote, None).await,
     };

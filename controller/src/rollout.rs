@@ -393,9 +393,11 @@ where
             let dry_run_rollback = matches!(verdict, Verdict::Rollback { .. }) && spec.dry_run;
             if let Verdict::Rollback { reason, .. } = &verdict {
                 if spec.dry_run {
-                    record
-                        .control
-                        .note_would_roll_back(&reason.to_string(), record.state.step, unix_ms());
+                    record.control.note_would_roll_back(
+                        &reason.to_string(),
+                        record.state.step,
+                        unix_ms(),
+                    );
                 }
             }
             if paused.is_none() {
@@ -409,11 +411,20 @@ where
                 // at the first tick after `resume`.
                 record.state.reason = what.clone();
             }
-            let kind = if dry_run_rollback { "would_rollback" } else { "paused" };
+            let kind = if dry_run_rollback {
+                "would_rollback"
+            } else {
+                "paused"
+            };
             if what != last_hold || at.saturating_sub(last_hold_at) >= Duration::from_secs(10) {
                 out.event(
                     kind,
-                    format!("{} (canary stays at {} %) | {}", what, record.state.current_weight(steps), verdict.numbers()),
+                    format!(
+                        "{} (canary stays at {} %) | {}",
+                        what,
+                        record.state.current_weight(steps),
+                        verdict.numbers()
+                    ),
                     json!({
                         "verdict": verdict_word(&verdict),
                         "reason": verdict.reason_text(),
@@ -426,7 +437,10 @@ where
                 last_hold = what;
                 last_hold_at = at;
             } else {
-                out.notify(kind, &json!({"verdict": verdict_word(&verdict), "dry_run": spec.dry_run}));
+                out.notify(
+                    kind,
+                    &json!({"verdict": verdict_word(&verdict), "dry_run": spec.dry_run}),
+                );
             }
             record.updated_unix_ms = unix_ms();
             sink.save(&record).await?;

@@ -515,11 +515,7 @@ impl Checker<'_, '_> {
             canary: canary?,
             judge,
             interval: interval?,
-            dry_run: d
-                .analysis
-                .as_ref()
-                .and_then(|a| a.dry_run)
-                .unwrap_or(false),
+            dry_run: d.analysis.as_ref().and_then(|a| a.dry_run).unwrap_or(false),
             source: source?,
             sink: sink?,
         })

@@ -519,10 +519,18 @@ mod tests {
         assert_eq!(paused.phase.as_deref(), Some("Paused"));
         let c = find(&paused, PAUSED);
         assert_eq!(
-            (c.status.as_str(), c.reason.as_str(), c.last_transition_time.as_str()),
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.last_transition_time.as_str()
+            ),
             ("True", "PausedByOperator", "T2")
         );
-        assert!(c.message.contains("ops (meshcanary pause)"), "{}", c.message);
+        assert!(
+            c.message.contains("ops (meshcanary pause)"),
+            "{}",
+            c.message
+        );
         assert!(c.message.contains("2026-12-07T00:00:00Z"), "{}", c.message);
         assert_eq!(find(&paused, PROGRESSING).status, "True");
         r.control.paused = None;

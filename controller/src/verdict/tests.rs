@@ -858,10 +858,21 @@ fn skip_step_passes_the_step_now_and_keeps_the_rollout_wide_evidence() {
         "{v:?}"
     );
     assert_eq!(skipped.step, 1);
-    assert_eq!(skipped.step_started_at, S(3), "the new step's clock starts now");
-    assert_eq!(skipped.canary.requests, 0.0, "the new step's tallies start empty");
+    assert_eq!(
+        skipped.step_started_at,
+        S(3),
+        "the new step's clock starts now"
+    );
+    assert_eq!(
+        skipped.canary.requests, 0.0,
+        "the new step's tallies start empty"
+    );
     assert_eq!(skipped.errors.llr, llr, "the rollout-wide Λ is kept");
-    assert!(skipped.reason.contains("skipped by an operator"), "{}", skipped.reason);
+    assert!(
+        skipped.reason.contains("skipped by an operator"),
+        "{}",
+        skipped.reason
+    );
     // Skipping the last judged step (next weight 100) completes the rollout.
     let mut last = skipped.clone();
     last.step = 2;
