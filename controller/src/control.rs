@@ -114,16 +114,21 @@ pub struct WouldRollBack {
 }
 
 /// What the record keeps of the operator's commands and of a dry run.
+///
+/// Every field is written, `null` included: a Rollout's record is saved by a JSON merge
+/// patch of its status, where a field left out keeps its old value (a lifted pause
+/// would stay). The record leaves out `control` only while it is empty, and it never
+/// becomes empty again once something was acknowledged or noted.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Control {
     /// Set while the rollout is paused.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub paused: Option<Paused>,
     /// The last [`KEPT_COMMANDS`] acknowledged commands, oldest first.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default)]
     pub commands: Vec<Acknowledgement>,
     /// `analysis.dry_run`: the rollback verdicts reached and not applied.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[serde(default)]
     pub would_roll_back: Option<WouldRollBack>,
 }
 
@@ -363,6 +368,18 @@ mod tests {
             (2, 10, 20, 1)
         );
         assert_eq!(w.reason, "error rate regressed");
+    }
+
+    #[test]
+    fn a_lifted_pause_is_written_as_null_so_a_merge_patch_removes_it() {
+        let mut control = Control::default();
+        control.follow_pause_mark(Some("ops"), 0, 1);
+        control.follow_pause_mark(None, 0, 2);
+        let json = serde_json::to_value(&control).expect("serializes");
+        assert!(
+            json.as_object().is_some_and(|o| o.contains_key("paused")) && json["paused"].is_null(),
+            "{json}"
+        );
     }
 
     #[test]
