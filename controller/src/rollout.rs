@@ -475,17 +475,25 @@ where
                 out.event(
                     "promote",
                     operator_line(&verdict, promoted_by.as_deref()),
-                    json!({"verdict": "promote", "to_step": to_step, "operator": promoted_by, "numbers": numbers}),
+                    with_operator(
+                        json!({"verdict": "promote", "to_step": to_step, "numbers": numbers}),
+                        promoted_by.as_deref(),
+                    ),
                 );
                 let previous = std::mem::replace(&mut record.state, next);
                 if let Err(e) = apply(spec, sink, out, &mut record, steps[*to_step]).await {
-                    // Not applied: stay at the old step and try again at the next tick.
+                    // Not applied: stay at the old step and try again at the next tick
+                    // (an operator's request too: its mark goes back).
                     out.event(
                         "error",
                         format!("promotion not applied: {}", e),
                         json!({"error": e.to_string()}),
                     );
                     record.state = previous;
+                    if let Some(request) = &promoted_by {
+                        sink.set_operator_mark(MarkKind::Promote, Some(request))
+                            .await?;
+                    }
                     continue;
                 }
                 record.state.restart_step_clock(now());
@@ -496,7 +504,10 @@ where
                 out.event(
                     "complete",
                     operator_line(&verdict, promoted_by.as_deref()),
-                    json!({"verdict": "complete", "operator": promoted_by, "numbers": numbers}),
+                    with_operator(
+                        json!({"verdict": "complete", "numbers": numbers}),
+                        promoted_by.as_deref(),
+                    ),
                 );
                 record.state = next;
                 apply_until_done(spec, sink, out, &mut record, 100).await;
@@ -528,6 +539,14 @@ fn operator_line(verdict: &Verdict, request: Option<&str>) -> String {
         Some(request) => format!("{} (operator: {:?})", verdict, request),
         None => verdict.to_string(),
     }
+}
+
+/// A promotion's JSON data, with `"operator": <request>` when an operator asked for it.
+fn with_operator(mut data: Value, request: Option<&str>) -> Value {
+    if let (Some(request), Some(fields)) = (request, data.as_object_mut()) {
+        fields.insert("operator".to_string(), Value::String(request.to_string()));
+    }
+    data
 }
 
 /// One line for an acknowledged command.

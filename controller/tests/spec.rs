@@ -506,10 +506,16 @@ fn prometheus_sources_read_the_filter_or_istio_metrics() {
 fn analysis_dry_run_is_off_by_default_read_when_set_and_must_be_a_boolean() {
     let (_dir, parsed) = parse(VALID);
     assert!(!parsed.expect("valid").dry_run, "off by default");
-    let on = VALID.replace("  on_no_data: hold\n", "  on_no_data: hold\n  dry_run: true\n");
+    let on = VALID.replace(
+        "  on_no_data: hold\n",
+        "  on_no_data: hold\n  dry_run: true\n",
+    );
     let (_dir, parsed) = parse(&on);
     assert!(parsed.expect("valid").dry_run);
-    let bad = VALID.replace("  on_no_data: hold\n", "  on_no_data: hold\n  dry_run: sometimes\n");
+    let bad = VALID.replace(
+        "  on_no_data: hold\n",
+        "  on_no_data: hold\n  dry_run: sometimes\n",
+    );
     let (_dir, parsed) = parse(&bad);
     let problems = parsed.expect_err("a string is not a boolean");
     assert!(
