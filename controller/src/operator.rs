@@ -26,7 +26,7 @@ const POLL: Duration = Duration::from_millis(200);
 enum Target {
     Spec(Box<AnySink>),
     Rollout {
-        api: kube::Api<meshcanary_controller::kubernetes::crd::Rollout>,
+        api: Box<kube::Api<meshcanary_controller::kubernetes::crd::Rollout>>,
         namespace: String,
         name: String,
     },
@@ -159,7 +159,7 @@ async fn resolve(operator: &Operator, out: &mut Output) -> Result<(Target, Durat
             };
             Ok((
                 Target::Rollout {
-                    api,
+                    api: Box::new(api),
                     namespace: namespace.to_string(),
                     name: name.to_string(),
                 },
