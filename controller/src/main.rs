@@ -70,17 +70,19 @@ enum Command {
         #[arg(long, value_name = "NAMESPACE/NAME")]
         rollout: Option<String>,
     },
-    /// Hold the canary at its weight: a running controller keeps judging and reporting
-    /// every verdict but applies none (no promotion, no rollback) until `resume`.
-    /// Exit 0 once the controller confirms (in the rollout's record), 1 if none does in
-    /// time (the mark is then withdrawn).
+    /// Hold the canary at its weight; verdicts are reported, not applied, until `resume`.
+    ///
+    /// A running controller keeps judging and reporting every verdict but applies none
+    /// (no promotion, no rollback). Exit 0 once the controller confirms (in the rollout's
+    /// record), 1 if none does in time (the mark is then withdrawn).
     Pause(Operator),
     /// Lift a pause: the verdicts act again from the controller's next tick.
     Resume(Operator),
-    /// Skip the rest of the current step's wait (minimum time and requests): the canary
-    /// goes to the next step at the controller's next tick. Refused (exit 1) while the
-    /// current verdict is failing (a rollback, in a dry run or while paused), unless
-    /// --force.
+    /// Skip the rest of the current step's wait (never past a failing verdict without --force).
+    ///
+    /// The canary goes to the next step (minimum time and requests skipped) at the
+    /// controller's next tick. Refused (exit 1) while the current verdict is failing (a
+    /// rollback, in a dry run or while paused), unless --force.
     Promote {
         #[command(flatten)]
         target: Operator,
