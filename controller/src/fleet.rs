@@ -114,7 +114,9 @@ pub struct RolloutView {
     pub steps: usize,
     /// Canary weight last applied, percent.
     pub weight: u32,
-    /// The last verdict (`hold`, `promote`, `complete`, `rollback`, `aborted`).
+    /// The last verdict (`hold`, `promote`, `complete`, `rollback`, `aborted`; a dry
+    /// run's rollback not applied is `would_rollback`, a verdict held back by a pause
+    /// `paused`).
     pub last_verdict: Option<String>,
     /// Its reason, as the verdict engine words it.
     pub reason: Option<String>,
@@ -161,7 +163,8 @@ impl RolloutView {
                 self.error = None;
             }
             "applied" => self.weight = data["weight"].as_u64().unwrap_or(0) as u32,
-            "hold" | "promote" | "complete" | "rollback" | "aborted" => {
+            "hold" | "promote" | "complete" | "rollback" | "aborted" | "would_rollback"
+            | "paused" => {
                 self.last_verdict = Some(kind.to_string());
                 if let Some(reason) = data["reason"].as_str() {
                     self.reason = Some(reason.to_string());

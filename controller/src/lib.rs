@@ -14,6 +14,7 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+pub mod control;
 pub mod fleet;
 pub mod gateway;
 pub mod kubernetes;

@@ -3,6 +3,7 @@
 //! Exit codes (a public contract): 0 promoted (canary at 100 %), 3 rolled back or
 //! aborted (canary at 0 %), 2 invalid spec or usage, 1 anything else.
 
+mod operator;
 mod serve;
 
 use std::net::SocketAddr;
@@ -12,6 +13,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
+use meshcanary_controller::control;
 use meshcanary_controller::fleet::{Launcher, StopSignal};
 use meshcanary_controller::gateway::{
     render_gateway, Backend, GatewayOptions, GatewayRef, GatewayRenderError, Target,
@@ -70,6 +72,26 @@ enum Command {
         /// (`serve --kubernetes`) sends the canary to 0 % at its next tick.
         #[arg(long, value_name = "NAMESPACE/NAME")]
         rollout: Option<String>,
+    },
+    /// Hold the canary at its weight; verdicts are reported, not applied, until `resume`.
+    ///
+    /// A running controller keeps judging and reporting every verdict but applies none
+    /// (no promotion, no rollback). Exit 0 once the controller confirms (in the rollout's
+    /// record), 1 if none does in time (the mark is then withdrawn).
+    Pause(Operator),
+    /// Lift a pause: the verdicts act again from the controller's next tick.
+    Resume(Operator),
+    /// Skip the rest of the current step's wait (never past a failing verdict without --force).
+    ///
+    /// The canary goes to the next step (minimum time and requests skipped) at the
+    /// controller's next tick. Refused (exit 1) while the current verdict is failing (a
+    /// rollback, in a dry run or while paused), unless --force.
+    Promote {
+        #[command(flatten)]
+        target: Operator,
+        /// Skip even past a failing verdict (recorded as forced).
+        #[arg(long)]
+        force: bool,
     },
     /// Long-running controller (for a Deployment): drive the spec's rollout (or every
     /// spec's in a folder, concurrently), start a new one when a spec changes, serve
@@ -141,6 +163,27 @@ enum RenderTarget {
     GatewayApi,
     /// An Envoy Gateway EnvoyExtensionPolicy on an HTTPRoute + that HTTPRoute.
     EnvoyGateway,
+}
+
+/// The rollout an operator's command is for, and how long to wait for the controller.
+#[derive(clap::Args)]
+struct Operator {
+    /// The rollout spec (as `run` or `serve` drive it, `serve DIR` included); not with
+    /// --rollout.
+    #[arg(required_unless_present = "rollout", conflicts_with = "rollout")]
+    spec: Option<PathBuf>,
+    /// A `Rollout` resource, `NAMESPACE/NAME`: sets its `meshcanary.io/pause` or
+    /// `meshcanary.io/promote` annotation (kubeconfig: in-cluster, KUBECONFIG,
+    /// ~/.kube/config) and waits for the acknowledgement in its status.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    rollout: Option<String>,
+    /// Leave the mark and exit 0 without waiting for a controller to confirm.
+    #[arg(long)]
+    no_wait: bool,
+    /// How long to wait for the controller's confirmation, in seconds (default: two
+    /// intervals of the rollout plus 10 s).
+    #[arg(long, value_name = "SECONDS")]
+    timeout: Option<f64>,
 }
 
 /// What `render --sink` renders for.
@@ -310,6 +353,15 @@ async fn main() -> ExitCode {
             eprintln!("meshcanary: abort needs a SPEC or --rollout NAMESPACE/NAME");
             ExitCode::from(EXIT_INVALID)
         }
+        Command::Pause(target) => {
+            operator::command(control::Command::Pause, false, target, &mut out).await
+        }
+        Command::Resume(target) => {
+            operator::command(control::Command::Resume, false, target, &mut out).await
+        }
+        Command::Promote { target, force } => {
+            operator::command(control::Command::Promote, force, target, &mut out).await
+        }
         Command::Report { events } => report(&events),
         Command::Render {
             spec,
@@ -368,7 +420,11 @@ where
     }
 }
 
-fn report_invalid(file: &Path, errors: &meshcanary_policy::ConfigErrors, out: &mut Output) {
+pub(crate) fn report_invalid(
+    file: &Path,
+    errors: &meshcanary_policy::ConfigErrors,
+    out: &mut Output,
+) {
     let problems: Vec<String> = errors.iter().map(ToString::to_string).collect();
     for problem in &problems {
         eprintln!("{}: {}", file.display(), problem);
@@ -448,10 +504,11 @@ async fn status(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
             out.event(
                 "status",
                 format!(
-                    "{}: phase {:?}{}, step {} of {}, canary at {} % (applied {} %, version {}); {}",
+                    "{}: phase {:?}{}{}, step {} of {}, canary at {} % (applied {} %, version {}); {}",
                     record.rollout.policy,
                     record.state.phase,
                     if aborted { " (abort requested)" } else { "" },
+                    control_note(&record),
                     record.state.step + 1,
                     steps.len(),
                     record.state.current_weight(steps),
@@ -459,7 +516,7 @@ async fn status(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
                     record.generation,
                     record.state.reason
                 ),
-                json!({"record": record, "abort_requested": aborted}),
+                json!({"record": record, "abort_requested": aborted, "paused": record.control.paused, "dry_run": spec.dry_run}),
             );
             ExitCode::SUCCESS
         }
@@ -521,10 +578,11 @@ async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
                 out.event(
                     "status",
                     format!(
-                        "{}: phase {:?}{}{}, step {} of {}, canary at {} %; last verdict {}: {} ({:.0} s ago)",
+                        "{}: phase {:?}{}{}{}, step {} of {}, canary at {} %; last verdict {}: {} ({:.0} s ago)",
                         file,
                         record.state.phase,
                         if aborted { " (abort requested)" } else { "" },
+                        control_note(&record),
                         if stale { " (record of an earlier revision)" } else { "" },
                         record.state.step + 1,
                         steps.len(),
@@ -535,7 +593,7 @@ async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
                     ),
                     json!({
                         "file": file,
-                        "phase": phase_name(&record.state.phase),
+                        "phase": if record.control.paused.is_some() && !record.state.is_finished() { "paused" } else { phase_name(&record.state.phase) },
                         "step": record.state.step,
                         "steps": steps.len(),
                         "canary_weight": weight,
@@ -543,6 +601,9 @@ async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
                         "reason": record.state.reason,
                         "updated_unix_ms": record.updated_unix_ms,
                         "abort_requested": aborted,
+                        "paused": record.control.paused,
+                        "dry_run": spec.dry_run,
+                        "would_roll_back": record.control.would_roll_back,
                         "revision": spec.revision,
                         "record_revision": record.rollout.revision,
                     }),
@@ -561,6 +622,31 @@ async fn status_dir(dir: &Path, out: &mut Output) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// What the operator's commands and a dry run left in the record, for a status line:
+/// ` (paused by "…" since …)`, ` (dry run: would have rolled back 3 times, last: …)`.
+fn control_note(record: &meshcanary_controller::sink::Record) -> String {
+    let mut note = String::new();
+    if let Some(paused) = &record.control.paused {
+        let ago = rollout::now()
+            .as_millis()
+            .saturating_sub(u128::from(paused.since_unix_ms)) as f64
+            / 1000.0;
+        note.push_str(&format!(
+            " (Paused by {:?}, {:.0} s ago)",
+            paused.request, ago
+        ));
+    }
+    if let Some(w) = &record.control.would_roll_back {
+        note.push_str(&format!(
+            " (dry run: would have rolled back {} time(s), last at step {}: {})",
+            w.count,
+            w.step + 1,
+            w.reason
+        ));
+    }
+    note
 }
 
 /// The phase as one word, for `status DIR --output json`.
@@ -583,6 +669,7 @@ fn last_verdict(state: &meshcanary_controller::verdict::State) -> &'static str {
         Phase::RolledBack { .. } => "rollback",
         Phase::Aborted => "aborted",
         Phase::Progressing if state.reason.is_empty() => "none",
+        Phase::Progressing if state.reason.starts_with("would roll back") => "would_rollback",
         Phase::Progressing
             if state.reason.starts_with("step ") && state.reason.contains(" passed") =>
         {

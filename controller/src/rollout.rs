@@ -9,6 +9,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
+use crate::control::{self, Acknowledgement, Command, MarkKind};
 use crate::output::Output;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
@@ -301,7 +302,8 @@ where
             }
             _ = ticker.tick() => {}
         }
-        if sink.abort_marked().await? {
+        let marks = sink.operator_marks().await?;
+        if marks.abort {
             out.event(
                 "aborted",
                 "aborted by an operator; the canary is at 0 %".to_string(),
@@ -311,6 +313,16 @@ where
         }
         if reconfirm_pending {
             reconfirm_pending = !reconfirm(spec, sink, out, &mut record, &mut save_failing).await;
+        }
+        if let Some(ack) =
+            record
+                .control
+                .follow_pause_mark(marks.pause.as_deref(), record.state.step, unix_ms())
+        {
+            report_command(out, &ack, record.state.current_weight(steps));
+            last_hold.clear();
+            record.updated_unix_ms = unix_ms();
+            save_reporting(sink, out, &record, &mut save_failing).await;
         }
         let snapshot = match source.read(&query).await {
             Ok(s) => {
@@ -333,16 +345,134 @@ where
             }
         };
         let at = now();
-        let (next, verdict) = verdict::judge(
+        let (mut next, mut verdict) = verdict::judge(
             &spec.judge,
             &record.state,
             &observation(spec, at, snapshot.as_ref()),
         );
+        // An operator's promote request: read once, removed, acted on (or refused) now.
+        let mut promoted_by: Option<String> = None;
+        if let Some(request) = marks.promote {
+            sink.set_operator_mark(MarkKind::Promote, None).await?;
+            let forced = control::is_forced(&request);
+            let step = record.state.step;
+            let (accepted, detail) = match control::promote_allowed(forced, &verdict) {
+                Err(why) => (false, why),
+                Ok(()) => match &verdict {
+                    Verdict::Promote { .. } | Verdict::Complete { .. } => (
+                        true,
+                        "the step passed on its own evidence at this tick".to_string(),
+                    ),
+                    _ => {
+                        // Skip from the state with this tick's evidence in it (a forced
+                        // skip past a rollback verdict keeps the rollout going).
+                        let mut base = next.clone();
+                        base.phase = Phase::Progressing;
+                        (next, verdict) = verdict::skip_step(&spec.judge, &base, at);
+                        (true, verdict.reason_text())
+                    }
+                },
+            };
+            let ack = Acknowledgement {
+                command: Command::Promote,
+                request: request.clone(),
+                accepted,
+                forced: forced && accepted,
+                detail,
+                step,
+                unix_ms: unix_ms(),
+            };
+            report_command(out, &ack, record.state.current_weight(steps));
+            record.control.acknowledge(ack);
+            if accepted {
+                promoted_by = Some(request);
+            }
+        }
         let numbers = serde_json::to_value(verdict.numbers()).unwrap_or(Value::Null);
+        // Paused, or a dry run's rollback: the verdict is reported and recorded, not
+        // applied; the canary keeps its weight.
+        let paused = record.control.paused.clone();
+        let suppressed = match (&verdict, &paused) {
+            (Verdict::Hold { .. }, _) => None,
+            _ if promoted_by.is_some() => None,
+            (Verdict::Rollback { reason, .. }, Some(paused)) => Some(format!(
+                "paused by {:?}: would roll back: {}",
+                paused.request, reason
+            )),
+            (_, Some(paused)) => Some(format!(
+                "paused by {:?}: would promote: {}",
+                paused.request,
+                verdict.reason_text()
+            )),
+            (Verdict::Rollback { reason, .. }, None) if spec.dry_run => {
+                Some(format!("would roll back: {}", reason))
+            }
+            _ => None,
+        };
+        if let Some(what) = suppressed {
+            let dry_run_rollback = matches!(verdict, Verdict::Rollback { .. }) && spec.dry_run;
+            if let Verdict::Rollback { reason, .. } = &verdict {
+                if spec.dry_run {
+                    record.control.note_would_roll_back(
+                        &reason.to_string(),
+                        record.state.step,
+                        unix_ms(),
+                    );
+                }
+            }
+            if paused.is_none() {
+                // A dry run goes on with this tick's evidence (its rollback evidence
+                // included, so the step passes only if the evidence itself recovers).
+                next.phase = Phase::Progressing;
+                next.reason = what.clone();
+                record.state = next;
+            } else {
+                // Paused: the state stays as it was, so the evidence since then counts
+                // at the first tick after `resume`.
+                record.state.reason = what.clone();
+            }
+            let kind = if dry_run_rollback {
+                "would_rollback"
+            } else {
+                "paused"
+            };
+            if what != last_hold || at.saturating_sub(last_hold_at) >= Duration::from_secs(10) {
+                out.event(
+                    kind,
+                    format!(
+                        "{} (canary stays at {} %) | {}",
+                        what,
+                        record.state.current_weight(steps),
+                        verdict.numbers()
+                    ),
+                    json!({
+                        "verdict": verdict_word(&verdict),
+                        "reason": verdict.reason_text(),
+                        "dry_run": spec.dry_run,
+                        "paused": paused.is_some(),
+                        "applied": false,
+                        "numbers": numbers,
+                    }),
+                );
+                last_hold = what;
+                last_hold_at = at;
+            } else {
+                out.notify(
+                    kind,
+                    &json!({"verdict": verdict_word(&verdict), "dry_run": spec.dry_run}),
+                );
+            }
+            record.updated_unix_ms = unix_ms();
+            save_reporting(sink, out, &record, &mut save_failing).await;
+            continue;
+        }
         match &verdict {
             Verdict::Hold { .. } => {
                 record.state = next;
-                let line = verdict.to_string();
+                let line = match &paused {
+                    Some(p) => format!("(paused by {:?}) {}", p.request, verdict),
+                    None => verdict.to_string(),
+                };
                 let reason = verdict.reason_text();
                 // One line when the reason changes, and a progress line every 10 s; the
                 // observer (metrics) sees every hold.
@@ -351,7 +481,7 @@ where
                     out.event(
                         "hold",
                         line,
-                        json!({"verdict": "hold", "reason": reason, "numbers": numbers}),
+                        json!({"verdict": "hold", "reason": reason, "paused": paused.is_some(), "numbers": numbers}),
                     );
                     last_hold = reason;
                     last_hold_at = at;
@@ -399,18 +529,26 @@ where
             Verdict::Promote { to_step, .. } => {
                 out.event(
                     "promote",
-                    verdict.to_string(),
-                    json!({"verdict": "promote", "to_step": to_step, "numbers": numbers}),
+                    operator_line(&verdict, promoted_by.as_deref()),
+                    with_operator(
+                        json!({"verdict": "promote", "to_step": to_step, "numbers": numbers}),
+                        promoted_by.as_deref(),
+                    ),
                 );
                 let previous = std::mem::replace(&mut record.state, next);
                 if let Err(e) = apply(spec, sink, out, &mut record, steps[*to_step]).await {
-                    // Not applied: stay at the old step and try again at the next tick.
+                    // Not applied: stay at the old step and try again at the next tick
+                    // (an operator's request too: its mark goes back).
                     out.event(
                         "error",
                         format!("promotion not applied: {}", e),
                         json!({"error": e.to_string()}),
                     );
                     record.state = previous;
+                    if let Some(request) = &promoted_by {
+                        sink.set_operator_mark(MarkKind::Promote, Some(request))
+                            .await?;
+                    }
                     continue;
                 }
                 record.state.restart_step_clock(now());
@@ -420,8 +558,11 @@ where
             Verdict::Complete { .. } => {
                 out.event(
                     "complete",
-                    verdict.to_string(),
-                    json!({"verdict": "complete", "numbers": numbers}),
+                    operator_line(&verdict, promoted_by.as_deref()),
+                    with_operator(
+                        json!({"verdict": "complete", "numbers": numbers}),
+                        promoted_by.as_deref(),
+                    ),
                 );
                 record.state = next;
                 apply_until_done(spec, sink, out, &mut record, 100).await;
@@ -531,6 +672,61 @@ async fn save_reporting<K: ConfigSink>(
             *failing = true;
         }
     }
+}
+
+/// The verdict's kind in one word, as the JSON output names it.
+fn verdict_word(verdict: &Verdict) -> &'static str {
+    match verdict {
+        Verdict::Hold { .. } => "hold",
+        Verdict::Promote { .. } => "promote",
+        Verdict::Complete { .. } => "complete",
+        Verdict::Rollback { .. } => "rollback",
+    }
+}
+
+/// A promotion's line, naming the operator's request when it was one.
+fn operator_line(verdict: &Verdict, request: Option<&str>) -> String {
+    match request {
+        Some(request) => format!("{} (operator: {:?})", verdict, request),
+        None => verdict.to_string(),
+    }
+}
+
+/// A promotion's JSON data, with `"operator": <request>` when an operator asked for it.
+fn with_operator(mut data: Value, request: Option<&str>) -> Value {
+    if let (Some(request), Some(fields)) = (request, data.as_object_mut()) {
+        fields.insert("operator".to_string(), Value::String(request.to_string()));
+    }
+    data
+}
+
+/// One line for an acknowledged command.
+fn report_command(out: &mut Output, ack: &Acknowledgement, weight: u32) {
+    let verb = match (ack.command, ack.accepted) {
+        (_, false) => "refused",
+        (_, true) => "acknowledged",
+    };
+    out.event(
+        "command",
+        format!(
+            "{} {} ({:?}{}) at step {}, canary at {} %: {}",
+            ack.command.name(),
+            verb,
+            ack.request,
+            if ack.forced { ", forced" } else { "" },
+            ack.step + 1,
+            weight,
+            ack.detail
+        ),
+        json!({
+            "command": ack.command,
+            "request": ack.request,
+            "accepted": ack.accepted,
+            "forced": ack.forced,
+            "detail": ack.detail,
+            "step": ack.step,
+        }),
+    );
 }
 
 /// The outcome of a finished record.

@@ -81,6 +81,8 @@ struct Metrics {
     rollouts_finished: Family<Kind, Counter>,
     verdicts: Family<Kind, Counter>,
     errors: Family<Kind, Counter>,
+    dry_run_rollbacks: Counter,
+    commands: Family<Kind, Counter>,
     gauges: RolloutGauges,
 }
 
@@ -91,6 +93,18 @@ impl Metrics {
         let rollouts_finished = Family::<Kind, Counter>::default();
         let verdicts = Family::<Kind, Counter>::default();
         let errors = Family::<Kind, Counter>::default();
+        let dry_run_rollbacks = Counter::<u64, AtomicU64>::default();
+        let commands = Family::<Kind, Counter>::default();
+        registry.register(
+            "dry_run_rollbacks",
+            "Rollback verdicts reached under analysis.dry_run and not applied",
+            dry_run_rollbacks.clone(),
+        );
+        registry.register(
+            "operator_commands",
+            "Operator commands acknowledged, by kind (pause, resume, promote, promote_refused)",
+            commands.clone(),
+        );
         registry.register(
             "rollouts_started",
             "Rollouts started (fresh, not resumed)",
@@ -159,6 +173,8 @@ impl Metrics {
             rollouts_finished,
             verdicts,
             errors,
+            dry_run_rollbacks,
+            commands,
             gauges,
         }
     }
@@ -251,6 +267,17 @@ impl Metrics {
                 if let Some(step) = data["to_step"].as_i64() {
                     self.set_step(rollout, step);
                 }
+            }
+            "would_rollback" => {
+                self.dry_run_rollbacks.inc();
+            }
+            "command" => {
+                let kind = match (data["command"].as_str(), data["accepted"].as_bool()) {
+                    (Some("promote"), Some(false)) => "promote_refused",
+                    (Some(command), _) => command,
+                    (None, _) => "unknown",
+                };
+                Metrics::kind(&self.commands, kind);
             }
             "source" if data["error"].is_string() => Metrics::kind(&self.errors, "source"),
             "error" => {

@@ -60,6 +60,9 @@ pub struct RolloutSpec {
     pub judge: verdict::Spec,
     /// Time between two evaluations.
     pub interval: Duration,
+    /// `analysis.dry_run`: rollback verdicts are reported and recorded, never applied
+    /// (the driver's decision, [`crate::rollout`]; the verdict engine does not know it).
+    pub dry_run: bool,
     /// Where metrics are read.
     pub source: SourceSpec,
     /// Where the policy is written.
@@ -512,6 +515,7 @@ impl Checker<'_, '_> {
             canary: canary?,
             judge,
             interval: interval?,
+            dry_run: d.analysis.as_ref().and_then(|a| a.dry_run).unwrap_or(false),
             source: source?,
             sink: sink?,
         })

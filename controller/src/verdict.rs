@@ -827,6 +827,47 @@ pub fn judge(spec: &Spec, state: &State, obs: &Observation) -> (State, Verdict) 
     (st, verdict)
 }
 
+/// An operator's promotion (`meshcanary promote`): the current step is passed now,
+/// whatever its remaining wait, with the numbers of the last evaluation. Like a
+/// promotion of [`judge`], passing the last judged step completes the rollout. Whether
+/// the operator may do this (never past a failing verdict without `--force`) is the
+/// caller's decision ([`crate::control::promote_allowed`]). A finished rollout, or a
+/// state whose step is not in the spec, is returned unchanged with a hold.
+pub fn skip_step(spec: &Spec, state: &State, now: Duration) -> (State, Verdict) {
+    let mut st = state.clone();
+    let nums = numbers(spec, &st, now);
+    let verdict = if st.is_finished() || spec.steps.get(st.step).is_none() {
+        Verdict::Hold {
+            reason: HoldReason::InvalidState,
+            numbers: nums,
+        }
+    } else if spec.completes_after(st.step) {
+        st.phase = Phase::Promoted;
+        Verdict::Complete {
+            from_step: st.step,
+            numbers: nums,
+        }
+    } else {
+        let from_step = st.step;
+        st.enter_step(from_step + 1, now);
+        Verdict::Promote {
+            from_step,
+            to_step: from_step + 1,
+            numbers: nums,
+        }
+    };
+    st.reason = match &verdict {
+        Verdict::Promote {
+            from_step, to_step, ..
+        } => format!("step {from_step} skipped by an operator, entering step {to_step}"),
+        Verdict::Complete { from_step, .. } => {
+            format!("step {from_step} skipped by an operator, canary promoted to 100%")
+        }
+        other => other.reason_text(),
+    };
+    (st, verdict)
+}
+
 fn judge_in_place(spec: &Spec, st: &mut State, obs: &Observation) -> Verdict {
     let now = obs.now;
     // A finished rollout answers with its final verdict again.

@@ -469,6 +469,7 @@ fn record() -> Record {
         generation: 3,
         state,
         updated_unix_ms: 1_785_000_070_000,
+        control: Default::default(),
     }
 }
 
@@ -1127,6 +1128,68 @@ async fn the_abort_mark_is_a_merge_patch_the_applies_leave_alone() {
         json!({"metadata": {"annotations": {"meshcanary.io/abort": null}}})
     );
     assert!(!sink.abort_marked().await.expect("read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_promote_marks_are_merge_patches_and_one_get_reads_every_mark_fake_api_server() {
+    use meshcanary_controller::control::{MarkKind, Marks};
+    let api = ApiServer::start().await;
+    let sink = api.sink("controller-a");
+    sink.apply(&policy(500), &record()).await.expect("apply");
+    api.clear();
+
+    sink.set_operator_mark(MarkKind::Pause, Some("ops via meshcanary pause"))
+        .await
+        .expect("pause mark");
+    sink.set_operator_mark(MarkKind::Promote, Some("force: ops"))
+        .await
+        .expect("promote mark");
+    let exchanges = api.exchanges();
+    assert_eq!(exchanges.len(), 2);
+    for e in &exchanges {
+        assert_eq!(
+            e.line(),
+            format!(
+                "PATCH {}?&fieldManager=meshcanary-operator {}",
+                EF_PATH, MERGE
+            )
+        );
+    }
+    assert_eq!(
+        exchanges[0].body,
+        json!({"metadata": {"annotations": {"meshcanary.io/pause": "ops via meshcanary pause"}}})
+    );
+    assert_eq!(
+        exchanges[1].body,
+        json!({"metadata": {"annotations": {"meshcanary.io/promote": "force: ops"}}})
+    );
+
+    // The driver's per-tick read: one GET, as abort_marked alone was.
+    api.clear();
+    let marks = sink.operator_marks().await.expect("marks");
+    assert_eq!(
+        marks,
+        Marks {
+            abort: false,
+            pause: Some("ops via meshcanary pause".into()),
+            promote: Some("force: ops".into()),
+        }
+    );
+    let exchanges = api.exchanges();
+    assert_eq!(exchanges.len(), 1);
+    assert_eq!(exchanges[0].method, "GET");
+    // The controller's applies leave the marks alone; the promote request is removed.
+    sink.save(&record()).await.expect("save");
+    sink.set_operator_mark(MarkKind::Promote, None)
+        .await
+        .expect("remove");
+    assert_eq!(
+        api.exchanges().last().map(|e| e.body.clone()),
+        Some(json!({"metadata": {"annotations": {"meshcanary.io/promote": null}}}))
+    );
+    let marks = sink.operator_marks().await.expect("marks");
+    assert_eq!(marks.pause.as_deref(), Some("ops via meshcanary pause"));
+    assert_eq!(marks.promote, None);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1248,6 +1248,184 @@ async fn meshcanary_abort_rollout_is_a_merge_patch_of_the_abort_annotation() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("shop/nope"));
 }
 
+/// A kubeconfig pointing at the fake API server, and a runner of the real binary with it.
+fn cli(
+    api: &ApiServer,
+    dir: &std::path::Path,
+) -> impl Fn(Vec<&str>) -> tokio::task::JoinHandle<std::process::Output> {
+    let kubeconfig = dir.join("config");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster: {{server: \"http://{}\"}}\nusers:\n- name: u\n  user: {{}}\ncontexts:\n- name: c\n  context: {{cluster: fake, user: u}}\ncurrent-context: c\n",
+            api.addr
+        ),
+    )
+    .expect("kubeconfig");
+    move |args: Vec<&str>| {
+        let kubeconfig = kubeconfig.clone();
+        let args: Vec<String> = args.into_iter().map(str::to_string).collect();
+        tokio::task::spawn_blocking(move || {
+            std::process::Command::new(env!("CARGO_BIN_EXE_meshcanary"))
+                .args(&args)
+                .env("KUBECONFIG", &kubeconfig)
+                .output()
+                .expect("meshcanary runs")
+        })
+    }
+}
+
+/// The operator-mark patches (field manager `meshcanary-operator`) sent so far.
+fn operator_patches(api: &ApiServer) -> Vec<Exchange> {
+    api.exchanges()
+        .into_iter()
+        .filter(|e| {
+            e.method == "PATCH"
+                && query_param(&e.query, "fieldManager") == Some("meshcanary-operator")
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_and_promote_rollout_are_annotation_merge_patches_acknowledged_in_the_status_fake_api_server(
+) {
+    let api = ApiServer::start().await;
+    let mut spec = rollout_spec("canary");
+    spec["step_min_duration"] = json!("1h");
+    api.world().put_rollout("checkout", spec, json!({}));
+    let c = controller(&api, "replica-a").await;
+    api.until("at step 1", Duration::from_secs(10), |w| {
+        w.rollouts
+            .get("shop/checkout")
+            .is_some_and(|r| r["status"]["canaryWeight"] == 50)
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let run = cli(&api, dir.path());
+    let stderr = |out: &std::process::Output| String::from_utf8_lossy(&out.stderr).into_owned();
+
+    // pause: one merge patch of the annotation; the status says Paused, by whom.
+    let out = run(vec![
+        "pause",
+        "--rollout",
+        "shop/checkout",
+        "--timeout",
+        "10",
+    ])
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let patches = operator_patches(&api);
+    assert_eq!(patches.len(), 1, "{patches:?}");
+    assert_eq!(
+        patches[0].line(),
+        format!("PATCH {}/checkout {}", ROLLOUTS, MERGE)
+    );
+    let request = patches[0].body["metadata"]["annotations"]["meshcanary.io/pause"]
+        .as_str()
+        .expect("the pause annotation's value")
+        .to_string();
+    assert!(request.contains("via meshcanary pause"), "{request}");
+    assert_eq!(patches[0].body.as_object().map(|o| o.len()), Some(1));
+    let checkout = api.rollout("checkout");
+    assert_eq!(checkout["status"]["phase"], "Paused", "{checkout}");
+    let paused = condition(&checkout, "Paused");
+    assert_eq!(
+        (&paused["status"], &paused["reason"]),
+        (&json!("True"), &json!("PausedByOperator"))
+    );
+    assert!(paused["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains(&request));
+    assert_eq!(
+        checkout["status"]["record"]["control"]["paused"]["request"],
+        json!(request)
+    );
+
+    // resume: the annotation removed (null), the Paused condition False.
+    let out = run(vec![
+        "resume",
+        "--rollout",
+        "shop/checkout",
+        "--timeout",
+        "10",
+    ])
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    let patches = operator_patches(&api);
+    assert_eq!(patches.len(), 2);
+    assert_eq!(
+        patches[1].body,
+        json!({"metadata": {"annotations": {"meshcanary.io/pause": null}}})
+    );
+    let checkout = api.rollout("checkout");
+    assert_eq!(checkout["status"]["phase"], "Progressing");
+    assert_eq!(condition(&checkout, "Paused")["status"], "False");
+
+    // promote: the CLI sets the request, the controller removes it (null) and acts: the
+    // last judged step is skipped, so the rollout completes.
+    let out = run(vec![
+        "promote",
+        "--rollout",
+        "shop/checkout",
+        "--timeout",
+        "10",
+    ])
+    .await
+    .expect("join");
+    assert!(out.status.success(), "{}", stderr(&out));
+    api.until("promoted", Duration::from_secs(10), |w| {
+        condition_is(w, "checkout", "Promoted")
+    })
+    .await;
+    c.stop().await.expect("stopped cleanly");
+    let patches = operator_patches(&api);
+    assert_eq!(patches.len(), 4, "{patches:?}");
+    assert!(patches[2].body["metadata"]["annotations"]["meshcanary.io/promote"].is_string());
+    assert_eq!(
+        patches[3].body,
+        json!({"metadata": {"annotations": {"meshcanary.io/promote": null}}}),
+        "the controller removes the request it read"
+    );
+    let checkout = api.rollout("checkout");
+    assert_eq!(checkout["status"]["canaryWeight"], 100);
+    let commands: Vec<Value> = checkout["status"]["record"]["control"]["commands"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let kinds: Vec<&str> = commands
+        .iter()
+        .filter_map(|c| c["command"].as_str())
+        .collect();
+    assert_eq!(kinds, vec!["pause", "resume", "promote"]);
+    assert_eq!(commands[2]["accepted"], true);
+    assert!(checkout["metadata"]["annotations"]
+        .get("meshcanary.io/promote")
+        .is_none_or(Value::is_null));
+    // A Rollout no controller drives: not confirmed in time, exit 1, the mark withdrawn.
+    let out = run(vec![
+        "pause",
+        "--rollout",
+        "shop/checkout",
+        "--timeout",
+        "1",
+    ])
+    .await
+    .expect("join");
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    assert!(
+        stderr(&out).contains("no controller confirmed"),
+        "{}",
+        stderr(&out)
+    );
+    assert_eq!(
+        operator_patches(&api).last().map(|p| p.body.clone()),
+        Some(json!({"metadata": {"annotations": {"meshcanary.io/pause": null}}}))
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_bad_edit_of_a_running_rollout_keeps_it_running_and_its_status_lists_the_problems() {
     let api = ApiServer::start().await;

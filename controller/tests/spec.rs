@@ -501,3 +501,29 @@ fn prometheus_sources_read_the_filter_or_istio_metrics() {
         .expect_err("invalid")
         .contains(&"source.prometheus.destination_service: required field is missing".to_string()));
 }
+
+#[test]
+fn analysis_dry_run_is_off_by_default_read_when_set_and_must_be_a_boolean() {
+    let (_dir, parsed) = parse(VALID);
+    assert!(!parsed.expect("valid").dry_run, "off by default");
+    let on = VALID.replace(
+        "  on_no_data: hold\n",
+        "  on_no_data: hold\n  dry_run: true\n",
+    );
+    let (_dir, parsed) = parse(&on);
+    assert!(parsed.expect("valid").dry_run);
+    let bad = VALID.replace(
+        "  on_no_data: hold\n",
+        "  on_no_data: hold\n  dry_run: sometimes\n",
+    );
+    let (_dir, parsed) = parse(&bad);
+    let problems = parsed.expect_err("a string is not a boolean");
+    assert!(
+        problems.iter().any(|p| p.starts_with("analysis.dry_run:")),
+        "{problems:?}"
+    );
+    // A different dry_run is a different release (the spec's revision changes).
+    let (_d1, off) = parse(VALID);
+    let (_d2, on) = parse(&on);
+    assert_ne!(off.expect("valid").revision, on.expect("valid").revision);
+}

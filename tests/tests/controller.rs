@@ -1194,3 +1194,290 @@ async fn a_wall_clock_step_while_it_runs_neither_shortens_nor_stretches_a_step()
     );
     assert_eq!(applied_weights(&run), vec![20, 50, 100]);
 }
+
+/// Runs `meshcanary <args> --output json` to its end: exit code, JSON lines, stderr and
+/// how long it took.
+async fn meshcanary(args: &[&str]) -> (Option<i32>, Vec<Value>, String, Duration) {
+    let started = Instant::now();
+    let output = Command::new(paths::meshcanary_bin())
+        .args(args)
+        .args(["--output", "json"])
+        .output()
+        .await
+        .expect("run meshcanary");
+    let lines = String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    (
+        output.status.code(),
+        lines,
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+        started.elapsed(),
+    )
+}
+
+/// The rollout record the ECDS file sink keeps next to the file.
+fn saved_record(bench: &Bench) -> Value {
+    let mut path = bench.ecds.clone().into_os_string();
+    path.push(".state.json");
+    serde_json::from_str(&std::fs::read_to_string(path).expect("record")).expect("record JSON")
+}
+
+/// One interval of the specs below, plus the CLI's polling (200 ms) and its start.
+const ONE_INTERVAL_AND_SLACK: Duration = Duration::from_millis(1700);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_holds_the_weight_against_a_passing_verdict_and_resume_lets_it_act() {
+    // The engine would pass step 1 after 3 s; the pause comes first and holds it.
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("3s");
+        spec["interval"] = json!("1s");
+    })
+    .await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    assert!(
+        run.wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+            .await
+            .is_some(),
+        "{}",
+        run.transcript()
+    );
+    let (code, lines, stderr, took) = meshcanary(&["pause", &bench.spec_arg()]).await;
+    assert_eq!(code, Some(0), "{lines:?}\n{stderr}\n{}", run.transcript());
+    println!("pause confirmed in {took:?}");
+    assert!(took <= ONE_INTERVAL_AND_SLACK, "pause took {took:?}");
+    let confirmed = lines
+        .iter()
+        .find(|l| l["event"] == "pause")
+        .expect("confirmation");
+    assert_eq!(confirmed["confirmed"], true);
+    // Paused past the step's 3 s: the verdicts are reported, the weight stays.
+    let held = run
+        .wait_event("paused", Duration::from_secs(10), |e| {
+            e["verdict"] == "promote"
+        })
+        .await;
+    assert!(held.is_some(), "{}", run.transcript());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(applied_weights(&run), vec![20], "{}", run.transcript());
+    assert_eq!(bench.ecds_canary_weight(), 2_000);
+    // Who and since when, in the record and in `status`.
+    let record = saved_record(&bench);
+    let request = record["control"]["paused"]["request"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(request.contains("via meshcanary pause"), "{record}");
+    assert!(record["control"]["paused"]["since_unix_ms"]
+        .as_u64()
+        .is_some());
+    let (code, status, _, _) = meshcanary(&["status", &bench.spec_arg()]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(status[0]["paused"]["request"], json!(request), "{status:?}");
+    assert!(
+        status[0]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("Paused by"),
+        "{status:?}"
+    );
+
+    let resumed_at = Instant::now();
+    let (code, lines, stderr, took) = meshcanary(&["resume", &bench.spec_arg()]).await;
+    assert_eq!(code, Some(0), "{lines:?}\n{stderr}");
+    println!("resume confirmed in {took:?}");
+    assert!(took <= ONE_INTERVAL_AND_SLACK, "resume took {took:?}");
+    // The evidence gathered while paused counts: the step passes at the first tick.
+    let promoted = run
+        .wait_event("promote", Duration::from_secs(10), |_| true)
+        .await
+        .expect("promoted after resume");
+    println!("promoted {:?} after the resume", promoted.at - resumed_at);
+    assert!(
+        promoted.at - resumed_at <= ONE_INTERVAL_AND_SLACK,
+        "{:?}\n{}",
+        promoted.at - resumed_at,
+        run.transcript()
+    );
+    let record = saved_record(&bench);
+    let commands: Vec<&str> = record["control"]["commands"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["command"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(commands, vec!["pause", "resume"], "{record}");
+    assert!(record["control"]["paused"].is_null(), "{record}");
+    // Not paused any more: the rollout ends as it would have.
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn promote_skips_the_rest_of_a_step_within_one_interval() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("60s");
+        spec["interval"] = json!("1s");
+    })
+    .await;
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    assert!(run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .is_some());
+    for (weight, event) in [(50, "promote"), (100, "complete")] {
+        let (code, lines, stderr, took) = meshcanary(&["promote", &bench.spec_arg()]).await;
+        assert_eq!(code, Some(0), "{lines:?}\n{stderr}\n{}", run.transcript());
+        println!("promote to {weight} % confirmed in {took:?}");
+        assert!(took <= ONE_INTERVAL_AND_SLACK, "promote took {took:?}");
+        let applied = run
+            .wait_event("applied", Duration::from_secs(5), |e| e["weight"] == weight)
+            .await;
+        assert!(applied.is_some(), "{}", run.transcript());
+        let verdict = run
+            .wait_event(event, Duration::ZERO, |e| e["operator"].is_string())
+            .await;
+        assert!(verdict.is_some(), "{}", run.transcript());
+    }
+    assert_eq!(
+        run.wait(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        run.transcript()
+    );
+    assert_eq!(bench.ecds_canary_weight(), 10_000);
+    let record = saved_record(&bench);
+    let promotes: Vec<&Value> = record["control"]["commands"]
+        .as_array()
+        .map(|a| a.iter().filter(|c| c["command"] == "promote").collect())
+        .unwrap_or_default();
+    assert_eq!(promotes.len(), 2, "{record}");
+    assert!(promotes
+        .iter()
+        .all(|c| c["accepted"] == true && c.get("forced").is_none()));
+    // No controller any more: a command is not confirmed, exits 1 and leaves no mark.
+    let (code, _, stderr, _) = meshcanary(&["pause", &bench.spec_arg(), "--timeout", "1"]).await;
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("no controller confirmed"), "{stderr}");
+    let mut mark = bench.ecds.clone().into_os_string();
+    mark.push(".pause");
+    assert!(!PathBuf::from(mark).exists(), "the pause mark is withdrawn");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_run_reports_a_rollback_verdict_while_traffic_keeps_flowing_to_the_broken_canary() {
+    let broken = Behaviour {
+        error_rate: 0.5,
+        ..Behaviour::default()
+    };
+    let mut bench = Bench::start(Behaviour::default(), broken, |spec, _| {
+        spec["analysis"]["dry_run"] = json!(true);
+        spec["interval"] = json!("1s");
+    })
+    .await;
+    bench.start_load(300);
+    // `serve DIR`: the folder's one spec, with /metrics.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let dir = bench.dir.path().display().to_string();
+    let mut serve = Controller::spawn(&["serve", &dir, "--listen", &listen]);
+    let would = serve
+        .wait_event("would_rollback", Duration::from_secs(20), |_| true)
+        .await
+        .unwrap_or_else(|| panic!("no would_rollback\n{}", serve.transcript()));
+    assert_eq!(would.json["dry_run"], true);
+    assert_eq!(would.json["verdict"], "rollback");
+    assert_eq!(would.json["applied"], false);
+    assert!(
+        would.json["message"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("would roll back: "),
+        "{}",
+        would.json
+    );
+    // Traffic keeps flowing to the canary, at its weight.
+    let before = bench.canary.count();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let after = bench.canary.count();
+    println!(
+        "canary requests in the 3 s after the would-roll-back: {}",
+        after - before
+    );
+    assert!(after - before > 100, "{before} → {after}");
+    assert_eq!(bench.ecds_canary_weight(), 2_000);
+    assert!(
+        serve
+            .events()
+            .iter()
+            .all(|e| e.kind() != "rollback" && e.kind() != "finished"),
+        "{}",
+        serve.transcript()
+    );
+    let record = saved_record(&bench);
+    assert!(
+        record["control"]["would_roll_back"]["count"].as_u64() >= Some(1),
+        "{record}"
+    );
+    assert_eq!(record["state"]["phase"], "progressing", "{record}");
+    // Promote is refused past the failing verdict; --force skips it and is recorded.
+    let spec = bench.spec_arg();
+    let (code, _, stderr, _) = meshcanary(&["promote", &spec]).await;
+    assert_eq!(code, Some(1), "{stderr}\n{}", serve.transcript());
+    assert!(
+        stderr.contains("refused") && stderr.contains("--force"),
+        "{stderr}"
+    );
+    let (code, lines, stderr, _) = meshcanary(&["promote", "--force", &spec]).await;
+    assert_eq!(code, Some(0), "{lines:?}\n{stderr}\n{}", serve.transcript());
+    assert!(serve
+        .wait_event("applied", Duration::from_secs(5), |e| e["weight"] == 50)
+        .await
+        .is_some());
+    let record = saved_record(&bench);
+    let last = record["control"]["commands"]
+        .as_array()
+        .and_then(|a| a.last().cloned())
+        .unwrap_or_default();
+    assert_eq!(
+        (&last["accepted"], &last["forced"]),
+        (&json!(true), &json!(true)),
+        "{record}"
+    );
+    let metrics = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        "meshcanary_operator_commands_total{kind=\"promote_refused\"} 1",
+        "meshcanary_operator_commands_total{kind=\"promote\"} 1",
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected:?} in:\n{metrics}"
+        );
+    }
+    assert!(
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("meshcanary_dry_run_rollbacks_total "))
+            .any(|n| n.parse::<u64>().is_ok_and(|n| n >= 1)),
+        "{metrics}"
+    );
+    let (code, status, _, _) = meshcanary(&["status", &dir]).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(status[0]["dry_run"], true, "{status:?}");
+    serve.terminate();
+    assert_eq!(
+        serve.wait(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        serve.transcript()
+    );
+}

@@ -12,6 +12,11 @@
 //!   (`kubectl annotate rollout NAME meshcanary.io/abort=yes`). The watcher keeps the
 //!   flag current, so a tick costs no request; once marked, the sink sends the canary
 //!   to 0 % itself (once) before it says so, and refuses any weight above 0;
+//! - the pause and promote marks: the annotations [`PAUSE_ANNOTATION`] (a state:
+//!   present while paused) and [`PROMOTE_ANNOTATION`] (a request, removed by the
+//!   controller once read), kept current by the watcher like the abort flag; `meshcanary
+//!   pause|resume|promote --rollout NS/NAME` writes them by a JSON merge patch under
+//!   [`OPERATOR_FIELD_MANAGER`], and the acknowledgement lands in the status's record;
 //! - the claim: the controller-wide leadership ([`super::lease`]); every write checks it.
 //!
 //! Events are `events.k8s.io/v1` Events regarding the Rollout (kube's `Recorder`):
@@ -32,9 +37,11 @@ use serde_json::{json, Value};
 
 use super::lease::Leader;
 use super::status::{self, RolloutStatus};
+use crate::control::{MarkKind, Marks};
 use crate::sink::kubernetes::{
     envoy_filter_resource, envoy_filter_spec, to_yaml, ABORT_ANNOTATION, ABORT_FIELD_MANAGER,
-    FIELD_MANAGER, MANAGED_BY, PHASE_ANNOTATION, STEP_ANNOTATION, WEIGHT_ANNOTATION,
+    FIELD_MANAGER, MANAGED_BY, OPERATOR_FIELD_MANAGER, PAUSE_ANNOTATION, PHASE_ANNOTATION,
+    PROMOTE_ANNOTATION, STEP_ANNOTATION, WEIGHT_ANNOTATION,
 };
 use crate::sink::{ConfigSink, Record, SinkError};
 use crate::spec::document::Rollout;
@@ -52,6 +59,8 @@ pub struct RolloutHandle {
     pub uid: String,
     generation: AtomicI64,
     abort: AtomicBool,
+    /// The pause and promote annotations' values as last seen.
+    marks: Mutex<(Option<String>, Option<String>)>,
     /// The problems of the Rollout's current spec while an earlier valid revision is
     /// still driven (kept in the status the driver writes).
     problems: Mutex<Vec<String>>,
@@ -66,6 +75,7 @@ impl RolloutHandle {
             uid: uid.to_string(),
             generation: AtomicI64::new(0),
             abort: AtomicBool::new(false),
+            marks: Mutex::new((None, None)),
             problems: Mutex::new(Vec::new()),
         }
     }
@@ -74,12 +84,16 @@ impl RolloutHandle {
     pub fn observe(&self, rollout: &Rollout) {
         self.generation
             .store(rollout.metadata.generation.unwrap_or(0), Ordering::SeqCst);
-        let marked = rollout
-            .metadata
-            .annotations
-            .as_ref()
-            .is_some_and(|a| a.contains_key(ABORT_ANNOTATION));
+        let annotations = rollout.metadata.annotations.as_ref();
+        let marked = annotations.is_some_and(|a| a.contains_key(ABORT_ANNOTATION));
         self.abort.store(marked, Ordering::SeqCst);
+        let value = |key: &str| annotations.and_then(|a| a.get(key)).cloned();
+        *lock(&self.marks) = (value(PAUSE_ANNOTATION), value(PROMOTE_ANNOTATION));
+    }
+
+    /// The pause and promote annotations' values as last seen.
+    pub fn marks(&self) -> (Option<String>, Option<String>) {
+        lock(&self.marks).clone()
     }
 
     /// The spec generation last seen.
@@ -586,6 +600,42 @@ impl ConfigSink for RolloutSink {
         }
         self.apply_abort().await?;
         Ok(true)
+    }
+
+    /// The watcher keeps the marks current: no request (except the abort's own writes).
+    async fn operator_marks(&self) -> Result<Marks, SinkError> {
+        let abort = self.abort_marked().await?;
+        let (pause, promote) = self.handle.marks();
+        Ok(Marks {
+            abort,
+            pause,
+            promote,
+        })
+    }
+
+    async fn set_operator_mark(&self, kind: MarkKind, text: Option<&str>) -> Result<(), SinkError> {
+        let annotation = match kind {
+            MarkKind::Pause => PAUSE_ANNOTATION,
+            MarkKind::Promote => PROMOTE_ANNOTATION,
+        };
+        let value = text.map_or(Value::Null, |t| Value::String(t.to_string()));
+        let patch = json!({"metadata": {"annotations": {annotation: value}}});
+        let params = PatchParams {
+            field_manager: Some(OPERATOR_FIELD_MANAGER.to_string()),
+            ..PatchParams::default()
+        };
+        self.timed(
+            self.rollout_request("PATCH", ""),
+            self.rollouts()
+                .patch(&self.handle.name, &params, &Patch::Merge(&patch)),
+        )
+        .await?;
+        let mut marks = lock(&self.handle.marks);
+        match kind {
+            MarkKind::Pause => marks.0 = text.map(str::to_string),
+            MarkKind::Promote => marks.1 = text.map(str::to_string),
+        }
+        Ok(())
     }
 
     fn render(&self, policy: &Value, record: &Record) -> Result<String, SinkError> {

@@ -22,13 +22,16 @@ pub const PROGRESSING: &str = "Progressing";
 pub const PROMOTED: &str = "Promoted";
 /// `RolledBack`: True once the canary is back at 0 % (rolled back or aborted).
 pub const ROLLED_BACK: &str = "RolledBack";
+/// `Paused`: True while an operator's pause stands (`meshcanary pause`, or the
+/// `meshcanary.io/pause` annotation); present once a rollout was ever paused.
+pub const PAUSED: &str = "Paused";
 
 /// The status of a Rollout.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct RolloutStatus {
-    /// `Progressing`, `Promoted`, `RolledBack`, `Aborted`, or `Invalid` (the spec has
-    /// problems; see `problems`).
+    /// `Progressing`, `Paused` (progressing, held by an operator's pause), `Promoted`,
+    /// `RolledBack`, `Aborted`, or `Invalid` (the spec has problems; see `problems`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub phase: Option<String>,
     /// The step being judged, counting from 1 (once promoted, the last step; once rolled
@@ -50,7 +53,8 @@ pub struct RolloutStatus {
     /// The last verdict, with its numbers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_verdict: Option<LastVerdict>,
-    /// `Progressing`, `Promoted` and `RolledBack`.
+    /// `Progressing`, `Promoted` and `RolledBack`; `Paused` once the rollout was ever
+    /// paused.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
     /// The spec's problems, each with its field path: with phase `Invalid` nothing is
@@ -309,7 +313,38 @@ pub fn from_record(
     for c in [progressing, promoted, rolled_back] {
         set_condition(&mut status.conditions, c, now);
     }
+    let was_paused = status.conditions.iter().any(|c| c.type_ == PAUSED);
+    match (&record.control.paused, &state.phase) {
+        (Some(paused), Phase::Progressing) => {
+            status.phase = Some(PAUSED.to_string());
+            let message = format!(
+                "paused by an operator ({:?}) since {}: the canary holds {} %; verdicts are reported, not applied",
+                paused.request,
+                rfc3339_of_unix_ms(paused.since_unix_ms),
+                record.applied_weight
+            );
+            set_condition(
+                &mut status.conditions,
+                condition(PAUSED, true, "PausedByOperator", &message, generation),
+                now,
+            );
+        }
+        _ if was_paused => set_condition(
+            &mut status.conditions,
+            condition(PAUSED, false, "NotPaused", "not paused", generation),
+            now,
+        ),
+        _ => {}
+    }
     status
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 (seconds), as the API server writes times.
+fn rfc3339_of_unix_ms(unix_ms: u64) -> String {
+    let seconds = i64::try_from(unix_ms / 1000).unwrap_or(i64::MAX);
+    k8s_openapi::jiff::Timestamp::from_second(seconds)
+        .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+        .unwrap_or_else(|_| format!("{} ms since the Unix epoch", unix_ms))
 }
 
 /// The status of a Rollout whose spec (generation `generation`) has `problems`: nothing
@@ -466,6 +501,46 @@ mod tests {
         let s = from_record(&s, &[5, 100], &r, 2, "T2");
         assert_eq!(find(&s, ROLLED_BACK).reason, "Aborted");
         assert_eq!(s.phase.as_deref(), Some("Aborted"));
+    }
+
+    #[test]
+    fn a_paused_rollout_says_paused_by_whom_and_since_when_and_resumes() {
+        let mut r = record();
+        let plain = from_record(&RolloutStatus::default(), &[5, 100], &r, 1, "T1");
+        assert!(
+            plain.conditions.iter().all(|c| c.type_ != PAUSED),
+            "no Paused condition before any pause"
+        );
+        r.control.paused = Some(crate::control::Paused {
+            request: "ops (meshcanary pause)".into(),
+            since_unix_ms: 1_796_601_600_000,
+        });
+        let paused = from_record(&plain, &[5, 100], &r, 1, "T2");
+        assert_eq!(paused.phase.as_deref(), Some("Paused"));
+        let c = find(&paused, PAUSED);
+        assert_eq!(
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.last_transition_time.as_str()
+            ),
+            ("True", "PausedByOperator", "T2")
+        );
+        assert!(
+            c.message.contains("ops (meshcanary pause)"),
+            "{}",
+            c.message
+        );
+        assert!(c.message.contains("2026-12-07T00:00:00Z"), "{}", c.message);
+        assert_eq!(find(&paused, PROGRESSING).status, "True");
+        r.control.paused = None;
+        let resumed = from_record(&paused, &[5, 100], &r, 1, "T3");
+        assert_eq!(resumed.phase.as_deref(), Some("Progressing"));
+        let c = find(&resumed, PAUSED);
+        assert_eq!(
+            (c.status.as_str(), c.last_transition_time.as_str()),
+            ("False", "T3")
+        );
     }
 
     #[test]

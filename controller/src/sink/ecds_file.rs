@@ -5,7 +5,9 @@
 //! Next to the file live `<file>.state.json` (the rollout record, written atomically
 //! after each step, so a restart resumes), `<file>.lock` (an OS file lock held while
 //! a controller drives the rollout; the OS releases it if the process dies) and, after
-//! `meshcanary abort`, `<file>.abort`.
+//! `meshcanary abort`, `<file>.abort`. The operator's other marks sit there too:
+//! `<file>.pause` (present while `meshcanary pause` stands; its text says who asked) and
+//! `<file>.promote` (a `meshcanary promote` request, removed by the controller once read).
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ pub use meshcanary_policy::envoy::{
 };
 
 use super::{ConfigSink, Record, SinkError};
+use crate::control::{MarkKind, Marks};
 use crate::spec::EcdsFileSpec;
 
 /// How long the sink waits for Envoy to report a new version.
@@ -44,6 +47,26 @@ impl EcdsFile {
 
     fn abort_path(&self) -> PathBuf {
         sibling(&self.spec.path, ".abort")
+    }
+
+    fn mark_path(&self, kind: MarkKind) -> PathBuf {
+        match kind {
+            MarkKind::Pause => sibling(&self.spec.path, ".pause"),
+            MarkKind::Promote => sibling(&self.spec.path, ".promote"),
+        }
+    }
+
+    /// A mark's text, `None` when there is no mark.
+    fn read_mark(&self, kind: MarkKind) -> Result<Option<String>, SinkError> {
+        let path = self.mark_path(kind);
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text.trim().to_string())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SinkError::Io {
+                path: path.display().to_string(),
+                reason: e.to_string(),
+            }),
+        }
     }
 
     fn lock_path(&self) -> PathBuf {
@@ -109,6 +132,17 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), SinkError> {
         file.sync_all().map_err(io)?;
     }
     std::fs::rename(&tmp, path).map_err(io)
+}
+
+/// Removes a mark file; one already gone is fine.
+fn remove_if_present(path: &Path) -> Result<(), SinkError> {
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SinkError::Io {
+            path: path.display().to_string(),
+            reason: e.to_string(),
+        }),
+        _ => Ok(()),
+    }
 }
 
 /// The version Envoy reports for a record: policy name, revision and generation.
@@ -230,22 +264,31 @@ impl ConfigSink for EcdsFile {
 
     async fn set_abort_mark(&self, on: bool) -> Result<(), SinkError> {
         let path = self.abort_path();
-        let result = if on {
+        if on {
             write_atomically(&path, b"aborted by an operator\n")
         } else {
-            match std::fs::remove_file(&path) {
-                Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(SinkError::Io {
-                    path: path.display().to_string(),
-                    reason: e.to_string(),
-                }),
-                _ => Ok(()),
-            }
-        };
-        result
+            remove_if_present(&path)
+        }
     }
 
     async fn abort_marked(&self) -> Result<bool, SinkError> {
         Ok(self.abort_path().exists())
+    }
+
+    async fn operator_marks(&self) -> Result<Marks, SinkError> {
+        Ok(Marks {
+            abort: self.abort_path().exists(),
+            pause: self.read_mark(MarkKind::Pause)?,
+            promote: self.read_mark(MarkKind::Promote)?,
+        })
+    }
+
+    async fn set_operator_mark(&self, kind: MarkKind, text: Option<&str>) -> Result<(), SinkError> {
+        let path = self.mark_path(kind);
+        match text {
+            Some(text) => write_atomically(&path, format!("{}\n", text).as_bytes()),
+            None => remove_if_present(&path),
+        }
     }
 
     fn render(&self, policy: &Value, record: &Record) -> Result<String, SinkError> {

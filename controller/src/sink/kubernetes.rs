@@ -108,6 +108,7 @@ use serde_json::{json, Map, Value};
 
 use super::ecds_file::wasm_filter_config_with_code;
 use super::{ConfigSink, Record, SinkError};
+use crate::control::{MarkKind, Marks};
 use crate::spec::{KubernetesSpec, RolloutSpec, SinkSpec, WasmCode};
 use crate::verdict::Phase;
 
@@ -137,6 +138,14 @@ pub const REASON_ANNOTATION: &str = "meshcanary.io/reason";
 pub const GENERATION_ANNOTATION: &str = "meshcanary.io/generation";
 /// Present when an operator asked to abort.
 pub const ABORT_ANNOTATION: &str = "meshcanary.io/abort";
+/// Present while an operator's pause stands (`meshcanary pause`); its value says who
+/// asked. Removing it resumes.
+pub const PAUSE_ANNOTATION: &str = "meshcanary.io/pause";
+/// An operator's promote request (`meshcanary promote`): the value names the request,
+/// a first word `force` forces it; the controller removes it once read.
+pub const PROMOTE_ANNOTATION: &str = "meshcanary.io/promote";
+/// The field manager of the pause and promote marks.
+pub const OPERATOR_FIELD_MANAGER: &str = "meshcanary-operator";
 /// The label on everything this sink creates.
 pub const MANAGED_BY: (&str, &str) = ("app.kubernetes.io/managed-by", "meshcanary");
 /// The Wasm filter's type URL, the only one `config_discovery` accepts.
@@ -759,11 +768,23 @@ impl Kubernetes {
     /// A JSON merge patch of the abort annotation under [`ABORT_FIELD_MANAGER`];
     /// nothing to do when the EnvoyFilter does not exist.
     async fn patch_abort(&self, value: Value) -> Result<(), SinkError> {
+        self.patch_annotation(ABORT_ANNOTATION, value, ABORT_FIELD_MANAGER)
+            .await
+    }
+
+    /// A JSON merge patch of one annotation (a string sets it, null removes it) under
+    /// `manager`; nothing to do when the EnvoyFilter does not exist.
+    async fn patch_annotation(
+        &self,
+        annotation: &str,
+        value: Value,
+        manager: &str,
+    ) -> Result<(), SinkError> {
         let api = self.envoy_filters().await?;
         let req = Req::envoy_filter("PATCH", "patch", &self.spec);
-        let patch = json!({"metadata": {"annotations": {ABORT_ANNOTATION: value}}});
+        let patch = json!({"metadata": {"annotations": {annotation: value}}});
         let params = PatchParams {
-            field_manager: Some(ABORT_FIELD_MANAGER.to_string()),
+            field_manager: Some(manager.to_string()),
             ..PatchParams::default()
         };
         match timed(
@@ -887,6 +908,31 @@ impl ConfigSink for Kubernetes {
                 .annotations
                 .is_some_and(|a| a.contains_key(ABORT_ANNOTATION))
         }))
+    }
+
+    /// One GET of the EnvoyFilter, as [`ConfigSink::abort_marked`] does: its abort,
+    /// pause and promote annotations.
+    async fn operator_marks(&self) -> Result<Marks, SinkError> {
+        let annotations = self
+            .get()
+            .await?
+            .and_then(|o| o.metadata.annotations)
+            .unwrap_or_default();
+        Ok(Marks {
+            abort: annotations.contains_key(ABORT_ANNOTATION),
+            pause: annotations.get(PAUSE_ANNOTATION).cloned(),
+            promote: annotations.get(PROMOTE_ANNOTATION).cloned(),
+        })
+    }
+
+    async fn set_operator_mark(&self, kind: MarkKind, text: Option<&str>) -> Result<(), SinkError> {
+        let annotation = match kind {
+            MarkKind::Pause => PAUSE_ANNOTATION,
+            MarkKind::Promote => PROMOTE_ANNOTATION,
+        };
+        let value = text.map_or(Value::Null, |t| Value::String(t.to_string()));
+        self.patch_annotation(annotation, value, OPERATOR_FIELD_MANAGER)
+            .await
     }
 
     fn render(&self, policy: &Value, record: &Record) -> Result<String, SinkError> {

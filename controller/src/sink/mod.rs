@@ -6,6 +6,7 @@ use std::future::Future;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
+use crate::control::{Control, MarkKind, Marks};
 use crate::verdict;
 
 pub mod ecds_file;
@@ -26,6 +27,10 @@ pub struct Record {
     pub state: verdict::State,
     /// Wall-clock time of the last write, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
+    /// The operator's commands as acknowledged (pause, resume, promote) and a dry run's
+    /// rollbacks not applied; left out while empty.
+    #[serde(default, skip_serializing_if = "Control::is_empty")]
+    pub control: Control,
 }
 
 impl Record {
@@ -38,6 +43,7 @@ impl Record {
             generation: 0,
             state: verdict::State::start(now),
             updated_unix_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            control: Control::default(),
         }
     }
 }
@@ -138,6 +144,36 @@ pub trait ConfigSink {
     /// Whether an operator asked to abort.
     fn abort_marked(&self) -> impl Future<Output = Result<bool, SinkError>> + Send;
 
+    /// Every operator mark (abort, pause, promote), read once per tick by the driver.
+    /// The default knows the abort mark only (a sink without pause and promote).
+    fn operator_marks(&self) -> impl Future<Output = Result<Marks, SinkError>> + Send {
+        let abort = self.abort_marked();
+        async move {
+            Ok(Marks {
+                abort: abort.await?,
+                ..Marks::default()
+            })
+        }
+    }
+
+    /// Sets (`Some(text)`) or removes (`None`) a pause or promote mark; like the abort
+    /// mark, kept apart from the record. The default refuses: the sink takes no
+    /// commands.
+    fn set_operator_mark(
+        &self,
+        kind: MarkKind,
+        text: Option<&str>,
+    ) -> impl Future<Output = Result<(), SinkError>> + Send {
+        let _ = text;
+        let describe = self.describe();
+        async move {
+            Err(SinkError::Io {
+                path: describe,
+                reason: format!("this sink takes no {:?} mark", kind),
+            })
+        }
+    }
+
     /// Exactly what [`ConfigSink::apply`] would write for `policy`.
     fn render(&self, policy: &Value, record: &Record) -> Result<String, SinkError>;
 
@@ -224,6 +260,20 @@ impl ConfigSink for AnySink {
         match self {
             AnySink::EcdsFile(s) => s.abort_marked().await,
             AnySink::Kubernetes(s) => s.abort_marked().await,
+        }
+    }
+
+    async fn operator_marks(&self) -> Result<Marks, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.operator_marks().await,
+            AnySink::Kubernetes(s) => s.operator_marks().await,
+        }
+    }
+
+    async fn set_operator_mark(&self, kind: MarkKind, text: Option<&str>) -> Result<(), SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.set_operator_mark(kind, text).await,
+            AnySink::Kubernetes(s) => s.set_operator_mark(kind, text).await,
         }
     }
 

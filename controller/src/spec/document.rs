@@ -36,7 +36,7 @@ use serde_json::Value;
     doc = "A canary release driven by meshcanary: the spec is the rollout spec (the same fields as a spec file), the status says where it stands and why.",
     // Raw JSON (not `printcolumn(...)`): clippy reads repeated `type_ = …` in the
     // structured form as duplicated attributes.
-    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Progressing, Promoted, RolledBack, Aborted or Invalid"}"#,
+    printcolumn = r#"{"name": "Phase", "type": "string", "jsonPath": ".status.phase", "description": "Progressing, Paused, Promoted, RolledBack, Aborted or Invalid"}"#,
     printcolumn = r#"{"name": "Canary", "type": "integer", "jsonPath": ".status.canaryWeight", "description": "Canary weight applied, percent"}"#,
     printcolumn = r#"{"name": "Step", "type": "string", "jsonPath": ".status.stepText", "description": "The step being judged, of how many"}"#,
     printcolumn = r#"{"name": "Reason", "type": "string", "jsonPath": ".status.lastVerdict.reason", "priority": 1, "description": "The last verdict's reason"}"#,
@@ -144,6 +144,13 @@ pub struct AnalysisDocument {
     /// What to do after `no_data_timeout` without data. Default `rollback`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub on_no_data: Option<OnNoDataDocument>,
+    /// Dry run: every verdict is computed and reported, but a rollback verdict is never
+    /// applied. It is reported as `would roll back: <reason>` and recorded, the canary
+    /// keeps its weight and traffic, and the rollout goes on; promotion still needs the
+    /// usual evidence. For trying the analysis on a live service before trusting it.
+    /// Default `false`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dry_run: Option<bool>,
 }
 
 /// What to do when no data arrives.

@@ -832,3 +832,55 @@ fn window_stays_bounded() {
     }
     assert_eq!(st.window.len(), MAX_WINDOW_SLICES);
 }
+
+#[test]
+fn skip_step_passes_the_step_now_and_keeps_the_rollout_wide_evidence() {
+    let spec = spec();
+    let mut feed = Feed::new();
+    let mut st = started(&spec);
+    // 2 s into a 10 s step with 40 of 300 requests: the engine holds.
+    for _ in 0..2 {
+        let (next, v) = judge(&spec, &st, &feed.tick((20, 0, 0), (380, 0, 0)));
+        assert!(is_hold(&v));
+        st = next;
+    }
+    let llr = st.errors.llr;
+    let (skipped, v) = skip_step(&spec, &st, S(3));
+    assert!(
+        matches!(
+            v,
+            Verdict::Promote {
+                from_step: 0,
+                to_step: 1,
+                ..
+            }
+        ),
+        "{v:?}"
+    );
+    assert_eq!(skipped.step, 1);
+    assert_eq!(
+        skipped.step_started_at,
+        S(3),
+        "the new step's clock starts now"
+    );
+    assert_eq!(
+        skipped.canary.requests, 0.0,
+        "the new step's tallies start empty"
+    );
+    assert_eq!(skipped.errors.llr, llr, "the rollout-wide Λ is kept");
+    assert!(
+        skipped.reason.contains("skipped by an operator"),
+        "{}",
+        skipped.reason
+    );
+    // Skipping the last judged step (next weight 100) completes the rollout.
+    let mut last = skipped.clone();
+    last.step = 2;
+    let (done, v) = skip_step(&spec, &last, S(4));
+    assert!(matches!(v, Verdict::Complete { from_step: 2, .. }), "{v:?}");
+    assert_eq!(done.phase, Phase::Promoted);
+    // A finished rollout stays as it is.
+    let (same, v) = skip_step(&spec, &done, S(5));
+    assert!(is_hold(&v));
+    assert_eq!(same.phase, Phase::Promoted);
+}
