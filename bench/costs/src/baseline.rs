@@ -1,7 +1,7 @@
 //! The committed numbers (`bench/costs/baseline.json`) and the comparison a commit must
-//! pass: no scenario's fuel per request above its baseline by more than [`MARGIN`], no
-//! host call made more often than in the baseline, and the policies that grow within
-//! [`GROWTH_LIMIT`] of the bench policy.
+//! pass: no scenario's fuel per request above its baseline by more than [`MARGIN`], and
+//! no host call made more often than in the baseline. The grown policies' target
+//! ([`GROWTH_LIMIT`] × the bench policy) is reported by [`growth`], met or not.
 
 use std::collections::BTreeMap;
 
@@ -46,7 +46,7 @@ fn round(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
 }
 
-/// Every way `costs` fails the baseline and the growth limit; empty when it passes.
+/// Every way `costs` fails the baseline; empty when it passes.
 pub fn problems(baseline: &Value, costs: &[(String, Cost)]) -> Vec<String> {
     let mut problems = Vec::new();
     for (id, cost) in costs {
@@ -86,19 +86,25 @@ pub fn problems(baseline: &Value, costs: &[(String, Cost)]) -> Vec<String> {
             }
         }
     }
-    let bench = costs
+    problems
+}
+
+/// For each grown policy: its fuel per request over the bench policy's, and whether
+/// that is within [`GROWTH_LIMIT`].
+pub fn growth(costs: &[(String, Cost)]) -> Vec<(String, f64, bool)> {
+    let Some(bench) = costs
         .iter()
         .find(|(id, _)| id == "bench_mix")
-        .map(|(_, c)| c.fuel_per_request);
-    for (id, cost) in costs.iter().filter(|(id, _)| GROWN.contains(&id.as_str())) {
-        if let Some(bench) = bench {
+        .map(|(_, c)| c.fuel_per_request)
+    else {
+        return Vec::new();
+    };
+    costs
+        .iter()
+        .filter(|(id, _)| GROWN.contains(&id.as_str()))
+        .map(|(id, cost)| {
             let ratio = cost.fuel_per_request / bench;
-            if ratio > GROWTH_LIMIT {
-                problems.push(format!(
-                    "{id}: {ratio:.2}× the bench policy's fuel per request (limit {GROWTH_LIMIT}×)"
-                ));
-            }
-        }
-    }
-    problems
+            (id.clone(), ratio, ratio <= GROWTH_LIMIT)
+        })
+        .collect()
 }

@@ -1,6 +1,6 @@
 //! The filter module's cost per request against the committed baseline
-//! (`bench/costs/baseline.json`): fuel within 10 %, no more host calls than committed, and
-//! the grown policies within 1.2× the bench policy. Deterministic: the real module under
+//! (`bench/costs/baseline.json`): fuel within 10 %, no more host calls than committed
+//! (which also holds the grown policies to their committed cost). Deterministic: the real module under
 //! the wasmi interpreter, so a failure is the module's doing, never the machine's load.
 //! Needs the module (`make wasm`; `MESHCANARY_WASM` or target/wasm/meshcanary_filter.wasm).
 

@@ -169,7 +169,8 @@ impl Test {
             (Test::Prefix(s), Some(v)) => {
                 v.starts_with(s.as_bytes()) && std::str::from_utf8(&v[s.len()..]).is_ok()
             }
-            (Test::In(list), Some(v)) => list.iter().any(|s| v == s.as_bytes()),
+            // Sorted when compiled: a thousand values cost ten comparisons.
+            (Test::In(list), Some(v)) => list.binary_search_by(|s| s.as_bytes().cmp(v)).is_ok(),
         }
     }
 }

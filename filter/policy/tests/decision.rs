@@ -754,3 +754,21 @@ fn raising_the_canary_keeps_the_others_in_place_with_three_variants() {
         );
     }
 }
+
+#[test]
+fn long_in_lists_in_any_order_and_with_duplicates_match_exactly_their_values() {
+    // Compiled sorted and deduplicated (looked up by binary search): order and repeats in
+    // the JSON must not change what matches.
+    let mut values: Vec<String> = (0..1000).rev().map(|i| format!("v{i}")).collect();
+    values.push("v7".into());
+    values.push("".into());
+    let list = serde_json::to_string(&values).unwrap();
+    let p = with_condition(&format!(r#"{{"header": "x-plan", "in": {list}}}"#));
+    for i in [0, 1, 7, 10, 99, 500, 998, 999] {
+        assert!(matches(&p, &[("x-plan", &format!("v{i}"))]), "v{i}");
+    }
+    assert!(matches(&p, &[("x-plan", "")]));
+    for miss in ["v1000", "v-1", "v", "V7", "v07", "w1"] {
+        assert!(!matches(&p, &[("x-plan", miss)]), "{miss}");
+    }
+}

@@ -129,6 +129,16 @@ fn run() -> Result<bool, String> {
             .collect();
         println!("- {id}: {}", calls.join(", "));
     }
+    println!(
+        "\nGrown policies (target: at most {}× the bench policy per request):\n",
+        baseline::GROWTH_LIMIT
+    );
+    for (id, ratio, met) in baseline::growth(&costs) {
+        println!(
+            "- {id}: {ratio:.2}× — {}",
+            if met { "met" } else { "missed" }
+        );
+    }
     if let Some(tick) = costs.first().map(|(_, c)| c.tick) {
         println!(
             "\nOne metrics flush (proxy_on_tick, every 100 ms) after the bench mix: {tick} fuel"
