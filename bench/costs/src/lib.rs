@@ -279,7 +279,7 @@ impl Cost {
             .iter()
             .filter(|(name, _)| name.as_str() != host::ALLOCATE_CALLBACK)
             .map(|(_, n)| n)
-            .sum()
+            .fold(0.0, |sum, n| sum + n)
     }
 }
 
