@@ -10,6 +10,9 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+// Natively only its unit tests use it: the native tests are multi-threaded, and the
+// free lists are for a single-threaded VM.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
 mod alloc;
 mod host;
 mod metrics;
