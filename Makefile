@@ -5,7 +5,8 @@
 #                  against real Envoy (and Prometheus)
 #   make demo      the main job, live on 127.0.0.1: Envoy with the filter, a stable and
 #                  a canary upstream, load, then a healthy canary promoted and a faulty
-#                  one rolled back by the real controller, with a summary (< 3 minutes)
+#                  one rolled back by the real controller, with a summary (< 3 minutes);
+#                  writes target/demo/{healthy,faulty}-report.html (meshcanary report)
 #   make bench     what the filter costs, side by side with native Envoy and an empty
 #                  wasm filter, measured alternately in one run; prints one table and
 #                  writes target/bench/results.json (< 5 minutes)
@@ -35,6 +36,7 @@
 #   make oci       the module as an OCI image layout in target/oci/ (no container engine,
 #                  reproducible); prints the digest to pin
 #   make registry-tools  install skopeo and docker-registry (Debian), for the OCI test
+#   make chromium  install Debian's chromium, for the report's browser test
 #   make manifests regenerate manifests/istio/envoyfilter.yaml from the rollout spec
 #   make envoy     install the pinned Envoy into .venv/
 #   make toolchain install the Debian packages the build needs (as root)
@@ -51,7 +53,7 @@ WASM              := target/wasm/meshcanary_filter.wasm
 # Prometheus for the Prometheus-source tests; g++ for libFuzzer's C++ sources (built by
 # the fuzz targets' libfuzzer-sys). (kubectl, for `kubectl kustomize` of the Istio
 # manifests, comes from the machine or from Debian's kubernetes-client.)
-DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++
+DEBIAN_PACKAGES   := rustc cargo libstd-rust-dev-wasm32 rust-clippy prometheus g++ faketime
 
 # Debian's cargo must never shadow rustup's for host builds.
 CARGO ?= $(shell command -v cargo)
@@ -66,7 +68,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools fuzz fuzz-smoke
+.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -78,7 +80,7 @@ test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-s
 
 # Installs the Debian toolchain only when it is missing (needs root; CI runs as root).
 toolchain:
-	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null; then \
+	@if [ -x /usr/bin/rustc ] && [ -d /usr/lib/rustlib/wasm32-wasi ] && [ -x /usr/bin/cargo-clippy ] && [ -x /usr/bin/prometheus ] && command -v c++ >/dev/null && command -v kubectl >/dev/null && command -v faketime >/dev/null; then \
 	    exit 0; \
 	elif [ "$$(id -u)" = 0 ]; then \
 	    echo "toolchain: installing $(DEBIAN_PACKAGES)"; \
@@ -137,6 +139,18 @@ registry-tools:
 	    echo "registry-tools: run 'sudo apt-get install skopeo docker-registry'" >&2; exit 1; \
 	fi
 
+# Chromium (Debian package), for tests/tests/report.rs: the rollout report is loaded in a
+# real headless browser; installed only when missing.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "chromium: installing the Debian package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; \
+	else \
+	    echo "chromium: run 'sudo apt-get install chromium'" >&2; exit 1; \
+	fi
+
 ## --- checks ----------------------------------------------------------------
 
 fmt:
@@ -164,7 +178,7 @@ unit-wasm: $(RUNNER)
 # Host workspace: the controller (unit tests, verdict simulation, spec, metric sources
 # against real Envoy and Prometheus) and the end-to-end tests. The controller binary is
 # built first: the e2e tests run it as a user would.
-e2e: venv wasm wasm-test-trap registry-tools
+e2e: venv wasm wasm-test-trap registry-tools chromium
 	$(CARGO) build --locked -p meshcanary
 	$(CARGO) test --locked --workspace -- --test-threads 2
 

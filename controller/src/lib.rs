@@ -6,7 +6,8 @@
 //! for three questions: what happens to one rollout is [`rollout`] (one tick at a time);
 //! how many rollouts are run is [`fleet`] (each in its own task); how Kubernetes is
 //! spoken to for `Rollout` resources is [`kubernetes`]. The spec ([`spec`]) is one set of
-//! types for spec files and the `Rollout` CRD.
+//! types for spec files and the `Rollout` CRD. [`report`] turns a run's event stream into
+//! an HTML page.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -17,6 +18,7 @@ pub mod fleet;
 pub mod kubernetes;
 pub mod output;
 pub mod render;
+pub mod report;
 pub mod rollout;
 pub mod sink;
 pub mod source;

@@ -96,6 +96,13 @@ enum Command {
     /// Print the `Rollout` CustomResourceDefinition (YAML), generated from the same types
     /// as the spec file; `manifests/istio/controller/crd.yaml` is this output.
     Crd,
+    /// Turn an event stream (`run --output json`, `serve --output json`) into one
+    /// self-contained HTML page on standard output: weight, error and slow rates,
+    /// evidence against the rollback boundary, and the verdicts (one section per rollout).
+    Report {
+        /// The JSON lines file (`-` for standard input). Lines that are not events are skipped.
+        events: PathBuf,
+    },
     /// Print exactly what the sink would write for the rollout's current state.
     Render {
         /// The rollout spec.
@@ -274,6 +281,7 @@ async fn main() -> ExitCode {
             eprintln!("meshcanary: abort needs a SPEC or --rollout NAMESPACE/NAME");
             ExitCode::from(EXIT_INVALID)
         }
+        Command::Report { events } => report(&events),
         Command::Render { spec, sink: None } => with_spec(&spec, &mut out, render).await,
         Command::Render {
             spec,
@@ -627,6 +635,48 @@ async fn render_kubernetes(spec: &RolloutSpec, _out: &mut Output) -> ExitCode {
                 ManifestError::NotKubernetes(_) => ExitCode::from(EXIT_INVALID),
                 ManifestError::Render(_) => ExitCode::from(EXIT_FAILURE),
             }
+        }
+    }
+}
+
+/// `report EVENTS`: the page on standard output; exit 2 when the file cannot be read or
+/// holds a malformed line or no events at all (named with its line number on stderr).
+fn report(events: &Path) -> ExitCode {
+    use std::io::{Read, Write};
+    let text = if events == Path::new("-") {
+        let mut text = String::new();
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .map(|_| text)
+            .map_err(|e| format!("cannot read standard input: {}", e))
+    } else {
+        std::fs::read_to_string(events)
+            .map_err(|e| format!("cannot read {}: {}", events.display(), e))
+    };
+    let text = match text {
+        Ok(text) => text,
+        Err(e) => {
+            eprintln!("meshcanary: {}", e);
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let runs = match meshcanary_controller::report::parse(&text) {
+        Ok(runs) => runs,
+        Err(e) => {
+            eprintln!("meshcanary: {}: {}", events.display(), e);
+            return ExitCode::from(EXIT_INVALID);
+        }
+    };
+    let page = meshcanary_controller::report::render(&runs, &events.display().to_string());
+    let mut stdout = std::io::stdout().lock();
+    match stdout
+        .write_all(page.as_bytes())
+        .and_then(|()| stdout.flush())
+    {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshcanary: cannot write the report: {}", e);
+            ExitCode::from(EXIT_FAILURE)
         }
     }
 }

@@ -4,7 +4,8 @@
 //! record written with every step is what makes a restart resume at the same step, and
 //! the sink's claim is what keeps a second controller from writing.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
@@ -12,7 +13,7 @@ use crate::output::Output;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
 use crate::spec::RolloutSpec;
-use crate::verdict::{self, Counters, Observation, Phase, Verdict};
+use crate::verdict::{self, Counters, HoldReason, NoDataCause, Observation, Phase, Verdict};
 
 /// How a rollout ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -62,12 +63,23 @@ pub enum RunError {
     },
 }
 
-/// Wall-clock time since the Unix epoch: the engine's clock, so that persisted step
-/// clocks mean the same after a restart.
+/// The engine's clock: wall-clock time since the Unix epoch, read once when the process
+/// first asks, then advanced by the monotonic clock.
+///
+/// Wall-clock time is what makes a persisted step clock mean the same after a restart; the
+/// monotonic clock is what keeps a wall-clock step while the controller runs (an NTP
+/// correction, a VM resumed, an operator's `date -s`) from counting as time spent in a
+/// step: a jump forward would otherwise satisfy `step_min_duration` and `no_data_timeout`
+/// at once, and a jump back would hold a step until the clock caught up.
 pub fn now() -> Duration {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .unwrap_or_default()
+    static ANCHOR: OnceLock<(Duration, Instant)> = OnceLock::new();
+    let (wall, monotonic) = ANCHOR.get_or_init(|| {
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        (wall, Instant::now())
+    });
+    *wall + monotonic.elapsed()
 }
 
 fn unix_ms() -> u64 {
@@ -275,7 +287,12 @@ where
     tokio::pin!(stop);
     let mut last_hold = String::new();
     let mut last_hold_at = Duration::ZERO;
-    let mut source_failing = false;
+    // The source's last error, so that a change of failure is reported (once) as well.
+    let mut source_error: Option<String> = None;
+    let mut save_failing = false;
+    // Set when the counters went down (a proxy restarted): until the proxies are confirmed
+    // to run the current step again, nothing is promoted.
+    let mut reconfirm_pending = false;
     loop {
         tokio::select! {
             _ = &mut stop => {
@@ -292,23 +309,26 @@ where
             );
             return Ok(Outcome::Aborted);
         }
+        if reconfirm_pending {
+            reconfirm_pending = !reconfirm(spec, sink, out, &mut record, &mut save_failing).await;
+        }
         let snapshot = match source.read(&query).await {
             Ok(s) => {
-                if source_failing {
+                if source_error.take().is_some() {
                     out.event("source", "metrics readable again".to_string(), json!({}));
                 }
-                source_failing = false;
                 Some(s)
             }
             Err(e) => {
-                if !source_failing {
+                let error = e.to_string();
+                if source_error.as_deref() != Some(error.as_str()) {
                     out.event(
                         "source",
-                        format!("cannot read metrics ({}); holding", e),
-                        json!({"error": e.to_string()}),
+                        format!("cannot read metrics ({}); holding", error),
+                        json!({"error": error}),
                     );
                 }
-                source_failing = true;
+                source_error = Some(error);
                 None
             }
         };
@@ -339,7 +359,42 @@ where
                     out.notify("hold", &json!({"verdict": "hold"}));
                 }
                 record.updated_unix_ms = unix_ms();
-                sink.save(&record).await?;
+                save_reporting(sink, out, &record, &mut save_failing).await;
+                if matches!(
+                    verdict,
+                    Verdict::Hold {
+                        reason: HoldReason::NoData {
+                            cause: NoDataCause::CounterReset,
+                            ..
+                        },
+                        ..
+                    }
+                ) {
+                    out.event(
+                        "restart",
+                        format!(
+                            "counters went down: a proxy restarted; checking that it runs step {} ({} %)",
+                            record.state.step + 1,
+                            record.state.current_weight(steps)
+                        ),
+                        json!({"step": record.state.step, "weight": record.state.current_weight(steps)}),
+                    );
+                    reconfirm_pending =
+                        !reconfirm(spec, sink, out, &mut record, &mut save_failing).await;
+                }
+            }
+            Verdict::Promote { .. } | Verdict::Complete { .. } if reconfirm_pending => {
+                // The evidence is there, but a proxy that restarted has not confirmed the
+                // step's policy yet: what it serves is unknown, so the step is not over.
+                // The engine's new state is dropped; the next tick's deltas cover this one.
+                out.event(
+                    "hold",
+                    format!(
+                        "not promoting: step {} is not confirmed by every proxy since a restart",
+                        record.state.step + 1
+                    ),
+                    json!({"verdict": "hold", "reason": "step not confirmed since a proxy restarted", "numbers": numbers}),
+                );
             }
             Verdict::Promote { to_step, .. } => {
                 out.event(
@@ -359,7 +414,7 @@ where
                     continue;
                 }
                 record.state.restart_step_clock(now());
-                sink.save(&record).await?;
+                save_reporting(sink, out, &record, &mut save_failing).await;
                 last_hold.clear();
             }
             Verdict::Complete { .. } => {
@@ -378,6 +433,102 @@ where
                 apply_until_done(spec, sink, out, &mut record, 0).await;
                 return Ok(Outcome::RolledBack(reason.to_string()));
             }
+        }
+    }
+}
+
+/// After a proxy restarted: confirms that the proxies run the current step's policy, and
+/// applies it again when they do not (a proxy that came back with an older or a default
+/// configuration). Applied again, the step's clock and tallies restart once it is
+/// confirmed: the traffic since the restart was not at the step's weight, and neither it
+/// nor the gap counts towards a promotion. Whether the step is confirmed; when not, the
+/// caller asks again at the next tick and promotes nothing until then.
+async fn reconfirm<K: ConfigSink>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    save_failing: &mut bool,
+) -> bool {
+    let weight = record.state.current_weight(&spec.judge.steps);
+    let step = record.state.step + 1;
+    match sink.is_live(record).await {
+        Ok(true) => {
+            out.event(
+                "confirmed",
+                format!(
+                    "step {} ({} %, version {}) confirmed: the proxies run it",
+                    step, weight, record.generation
+                ),
+                json!({"step": record.state.step, "weight": weight, "generation": record.generation}),
+            );
+            return true;
+        }
+        Ok(false) => {}
+        Err(e) => {
+            out.event(
+                "error",
+                format!(
+                    "step {} ({} %) not confirmed yet ({}); not promoting until it is",
+                    step, weight, e
+                ),
+                json!({"error": e.to_string()}),
+            );
+            return false;
+        }
+    }
+    match apply(spec, sink, out, record, weight).await {
+        Ok(()) => {
+            record.state.restart_step_clock(now());
+            save_reporting(sink, out, record, save_failing).await;
+            true
+        }
+        Err(e) => {
+            out.event(
+                "error",
+                format!(
+                    "step {} ({} %) not applied again yet ({}); not promoting until it is",
+                    step, weight, e
+                ),
+                json!({"error": e.to_string()}),
+            );
+            false
+        }
+    }
+}
+
+/// Saves the record; a failure (a full or read-only disk) is reported when it starts and
+/// when it ends, and does not stop the rollout: the record is saved again at every tick,
+/// and the policy already written keeps serving.
+async fn save_reporting<K: ConfigSink>(
+    sink: &K,
+    out: &mut Output,
+    record: &Record,
+    failing: &mut bool,
+) {
+    match sink.save(record).await {
+        Ok(()) => {
+            if *failing {
+                out.event(
+                    "saved",
+                    "the rollout record is saved again".to_string(),
+                    json!({}),
+                );
+            }
+            *failing = false;
+        }
+        Err(e) => {
+            if !*failing {
+                out.event(
+                    "error",
+                    format!(
+                        "cannot save the rollout record ({}); retrying at every tick",
+                        e
+                    ),
+                    json!({"error": e.to_string()}),
+                );
+            }
+            *failing = true;
         }
     }
 }
@@ -401,11 +552,17 @@ async fn apply<K: ConfigSink>(
     weight: u32,
 ) -> Result<(), RunError> {
     let policy = policy_at(spec, weight)?;
+    // The generation grows even when the write fails: a version that may have reached a
+    // proxy is never reused for another weight.
     record.generation += 1;
+    let applied_before = record.applied_weight;
     record.applied_weight = weight;
     record.updated_unix_ms = unix_ms();
     let started = std::time::Instant::now();
-    sink.apply(&policy, record).await?;
+    if let Err(e) = sink.apply(&policy, record).await {
+        record.applied_weight = applied_before;
+        return Err(e.into());
+    }
     out.event(
         "applied",
         format!("canary at {} % (version {}), confirmed in {} ms", weight, record.generation, started.elapsed().as_millis()),

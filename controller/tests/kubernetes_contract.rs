@@ -937,6 +937,29 @@ async fn a_missing_envoy_filter_crd_says_istio_is_not_installed() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn is_live_after_a_restart_is_one_get_comparing_the_generation_annotation() {
+    let api = ApiServer::start().await;
+    let sink = api.sink("controller-a");
+    let _claim = sink.claim().await.expect("claim");
+    let mut record = record();
+    // Nothing applied yet: not live.
+    api.clear();
+    assert!(!sink.is_live(&record).await.expect("is_live"));
+    assert_eq!(api.lines(), vec![format!("GET {EF_PATH}")]);
+    sink.apply(&policy(2500), &record).await.expect("apply");
+    api.clear();
+    assert!(sink.is_live(&record).await.expect("is_live"));
+    assert_eq!(
+        api.lines(),
+        vec![format!("GET {EF_PATH}")],
+        "one GET, nothing written"
+    );
+    // Someone else's object, or an older one, carries another generation.
+    record.generation += 1;
+    assert!(!sink.is_live(&record).await.expect("is_live"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_missing_envoy_filter_is_no_record_yet() {
     let api = ApiServer::start().await;
     let sink = api.sink("controller-a");

@@ -278,6 +278,14 @@ impl World {
             return Answer::Full(200, object.to_string());
         }
         if let Some(name) = path.strip_prefix(&format!("{}/", ENVOYFILTERS)) {
+            if e.method == "GET" {
+                return match self.envoy_filters.get(name) {
+                    Some(object) => Answer::Full(200, object.to_string()),
+                    None => {
+                        Answer::Full(404, not_found("networking.istio.io", "envoyfilters", name))
+                    }
+                };
+            }
             if e.method == "PATCH"
                 && e.content_type == APPLY
                 && query_param(&e.query, "force") == Some("true")
@@ -852,7 +860,7 @@ async fn a_watch_that_ends_is_resumed_and_a_410_gone_relists_and_drops_what_the_
     );
     let weights: Vec<String> = exchanges
         .iter()
-        .filter(|e| e.path.ends_with("/envoyfilters/checkout"))
+        .filter(|e| e.method == "PATCH" && e.path.ends_with("/envoyfilters/checkout"))
         .map(|e| {
             e.body["metadata"]["annotations"]["meshcanary.io/canary-weight"]
                 .as_str()
@@ -894,7 +902,7 @@ async fn the_abort_annotation_sends_the_canary_to_zero_with_a_warning_event() {
     let last_apply = api
         .exchanges()
         .into_iter()
-        .rfind(|e| e.path.ends_with("/envoyfilters/checkout"))
+        .rfind(|e| e.method == "PATCH" && e.path.ends_with("/envoyfilters/checkout"))
         .expect("applies");
     assert_eq!(
         last_apply.body["metadata"]["annotations"]["meshcanary.io/canary-weight"],
@@ -1030,7 +1038,7 @@ async fn api_errors_409_500_and_timeouts_are_retried_and_the_rollout_still_finis
     let weights: Vec<String> = api
         .exchanges()
         .into_iter()
-        .filter(|e| e.path.ends_with("/envoyfilters/checkout"))
+        .filter(|e| e.method == "PATCH" && e.path.ends_with("/envoyfilters/checkout"))
         .map(|e| {
             e.body["metadata"]["annotations"]["meshcanary.io/canary-weight"]
                 .as_str()
@@ -1274,7 +1282,7 @@ async fn a_bad_edit_of_a_running_rollout_keeps_it_running_and_its_status_lists_t
     let applies = api
         .exchanges()
         .iter()
-        .filter(|e| e.path.ends_with("/envoyfilters/checkout"))
+        .filter(|e| e.method == "PATCH" && e.path.ends_with("/envoyfilters/checkout"))
         .count();
     assert_eq!(
         applies, 1,

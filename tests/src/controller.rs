@@ -11,7 +11,7 @@ use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 
-use crate::paths;
+use crate::{lock, paths};
 
 /// One event the controller printed.
 #[derive(Debug, Clone)]
@@ -52,8 +52,15 @@ impl Controller {
     /// Starts `<bin> <args> --output json`; for programs (the demo) that report a
     /// failure to start instead of panicking.
     pub fn start(bin: &Path, args: &[&str]) -> std::io::Result<Controller> {
-        let mut child = Command::new(bin)
-            .args(args)
+        let mut command = Command::new(bin);
+        command.args(args);
+        Controller::start_command(command)
+    }
+
+    /// Starts `command` with `--output json` appended: for a controller run under a
+    /// wrapper (another user, a faked clock), which the caller sets up.
+    pub fn start_command(mut command: Command) -> std::io::Result<Controller> {
+        let mut child = command
             .args(["--output", "json"])
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -154,9 +161,14 @@ impl Controller {
 
     /// Asks it to stop with SIGTERM, as Kubernetes does.
     pub fn terminate(&self) {
+        self.signal("TERM");
+    }
+
+    /// Sends it a signal by name (`TERM`, `STOP`, `CONT`, …).
+    pub fn signal(&self, name: &str) {
         if let Some(pid) = self.child.id() {
             let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
+                .args([&format!("-{name}"), &pid.to_string()])
                 .status();
         }
     }
@@ -179,14 +191,6 @@ impl Controller {
     }
 }
 
-/// Locks a mutex even if a reader panicked while holding it: the data (lines read so
-/// far) are whole either way, and the demo built on this must not panic.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
 /// A TCP forwarder that can be switched off: then live connections are cut and new ones
 /// are accepted and closed at once, as an unreachable endpoint looks to a client (a
 /// keep-alive connection must not survive, or the client would never notice).
@@ -194,6 +198,7 @@ pub struct Forwarder {
     /// Where it listens.
     pub addr: std::net::SocketAddr,
     open: tokio::sync::watch::Sender<bool>,
+    target: Arc<Mutex<std::net::SocketAddr>>,
 }
 
 impl Forwarder {
@@ -204,6 +209,8 @@ impl Forwarder {
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
         let (open, gate) = tokio::sync::watch::channel(true);
+        let target = Arc::new(Mutex::new(target));
+        let current = Arc::clone(&target);
         tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {
                 if !*gate.borrow() {
@@ -211,6 +218,7 @@ impl Forwarder {
                     continue;
                 }
                 let mut gate = gate.clone();
+                let target = *lock(&current);
                 tokio::spawn(async move {
                     if let Ok(mut outbound) = tokio::net::TcpStream::connect(target).await {
                         tokio::select! {
@@ -221,7 +229,13 @@ impl Forwarder {
                 });
             }
         });
-        Forwarder { addr, open }
+        Forwarder { addr, open, target }
+    }
+
+    /// Sends new connections to `target` from now on (a restarted process on new ports
+    /// stays at the address its clients know).
+    pub fn set_target(&self, target: std::net::SocketAddr) {
+        *lock(&self.target) = target;
     }
 
     /// Lets connections through (`true`) or cuts them (`false`).

@@ -455,6 +455,11 @@ impl Envoy {
 
     /// Stops Envoy now.
     pub async fn stop(mut self) {
+        self.kill().await;
+    }
+
+    /// Kills Envoy now (SIGKILL, as a crash or an OOM kill would), keeping its log.
+    pub async fn kill(&mut self) {
         let _ = self.child.kill().await;
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod controller;
 pub mod envoy;
+pub mod faults;
 pub mod paths;
 pub mod programs;
 pub mod prometheus;
@@ -127,4 +128,13 @@ pub fn wasm_failure(log: &str) -> Option<&str> {
             || lower.contains("wasm trap")
             || (lower.contains("proxy_on_") && lower.contains("failed"))
     })
+}
+
+/// Locks a mutex even if a panicking holder poisoned it: what the harness keeps behind its
+/// mutexes (lines read, counters, settings) is whole either way, and the programs built on
+/// it must not panic.
+pub(crate) fn lock<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }

@@ -7,6 +7,17 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+/// One scrape job: its name, the path scraped and the `http://host:port` of each target.
+#[derive(Debug, Clone)]
+pub struct ScrapeJob {
+    /// `job_name` (the series' `job` label).
+    pub name: &'static str,
+    /// The path scraped on every target.
+    pub metrics_path: &'static str,
+    /// The targets, as `http://host:port` or `host:port`.
+    pub urls: Vec<String>,
+}
+
 /// A real Prometheus on loopback with its own storage; killed when dropped.
 pub struct PrometheusServer {
     child: tokio::process::Child,
@@ -26,17 +37,35 @@ impl PrometheusServer {
     /// Starts Prometheus scraping `/stats/prometheus` of each admin URL every second, and
     /// waits until it is ready.
     pub async fn start(admin_urls: &[String]) -> PrometheusServer {
-        let targets: Vec<String> = admin_urls
+        Self::start_jobs(&[ScrapeJob {
+            name: "meshcanary",
+            metrics_path: "/stats/prometheus",
+            urls: admin_urls.to_vec(),
+        }])
+        .await
+    }
+
+    /// Starts Prometheus scraping every job's URLs every second (e.g. Envoys'
+    /// `/stats/prometheus` and a controller's `/metrics`), and waits until it is ready.
+    pub async fn start_jobs(jobs: &[ScrapeJob]) -> PrometheusServer {
+        let scrape_configs: Vec<serde_json::Value> = jobs
             .iter()
-            .map(|url| url.trim_start_matches("http://").to_string())
+            .map(|job| {
+                let targets: Vec<String> = job
+                    .urls
+                    .iter()
+                    .map(|url| url.trim_start_matches("http://").to_string())
+                    .collect();
+                json!({
+                    "job_name": job.name,
+                    "metrics_path": job.metrics_path,
+                    "static_configs": [{"targets": targets}]
+                })
+            })
             .collect();
         let config = json!({
             "global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
-            "scrape_configs": [{
-                "job_name": "meshcanary",
-                "metrics_path": "/stats/prometheus",
-                "static_configs": [{"targets": targets}]
-            }]
+            "scrape_configs": scrape_configs
         });
         // The port is picked by binding and releasing it; another process could take it in
         // between, so a start that dies is retried on a fresh port.

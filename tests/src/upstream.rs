@@ -22,6 +22,8 @@ use serde_json::{json, Value};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::lock;
+
 /// Response header carrying the upstream's name.
 pub const UPSTREAM_HEADER: &str = "x-upstream";
 
@@ -368,14 +370,6 @@ impl Drop for InFlight {
     fn drop(&mut self) {
         lock(&self.0.in_flight).0 -= 1;
     }
-}
-
-/// Locks a mutex even if a panicking handler poisoned it: the data are plain counters
-/// and settings, always whole, and the program must not panic.
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 async fn handle(

@@ -94,8 +94,14 @@ impl Bench {
 
     /// Starts the load generator: `rps` requests/s from 5,000 users, for at most a minute.
     fn start_load(&mut self, rps: u32) {
+        let url = self.envoy.url("/");
+        self.start_load_at(&url, rps);
+    }
+
+    /// Like [`Bench::start_load`], to another address of the same Envoy (a forwarder).
+    fn start_load_at(&mut self, url: &str, rps: u32) {
         let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-load"))
-            .args(["--url", &self.envoy.url("/"), "--rps", &rps.to_string()])
+            .args(["--url", url, "--rps", &rps.to_string()])
             .args([
                 "--duration-s",
                 "90",
@@ -646,4 +652,545 @@ async fn serve_reports_metrics_and_starts_a_new_rollout_when_the_spec_changes() 
         "{}",
         serve.transcript()
     );
+}
+
+// --- Faults around the controller ----------------------------------------------------------
+//
+// Each of these breaks one thing the controller depends on — its metrics, the proxy, the
+// disk, the clock — in a real process, while a real rollout runs, and checks that the
+// controller holds or retries as the README says, never promotes on what it could not see,
+// and finishes the rollout once the fault is gone.
+
+/// The events of `kind` that arrived in `[from, to]`.
+fn events_between(run: &Controller, kinds: &[&str], from: Instant, to: Instant) -> Vec<Value> {
+    run.events()
+        .into_iter()
+        .filter(|e| kinds.contains(&e.kind()) && e.at >= from && e.at <= to)
+        .map(|e| e.json)
+        .collect()
+}
+
+/// Puts the metrics behind `proxy` through each fault in turn (no healthy answer in
+/// between) while `run` drives a healthy canary: each fault lasts until the controller
+/// reported it with a reason naming it (`expected`), and at least `hold`. Then checks that
+/// nothing was promoted or applied from the moment the first fault could be seen until the
+/// metrics answered again.
+async fn hold_through_metric_faults(
+    run: &Controller,
+    proxy: &meshcanary_e2e::faults::FaultProxy,
+    faults: &[(meshcanary_e2e::faults::Fault, Duration, &str)],
+) {
+    use meshcanary_e2e::faults::Fault;
+    let first = Instant::now();
+    for (fault, hold, expected) in faults {
+        let since = Instant::now();
+        proxy.set(fault.clone());
+        // A slow answer's read may still be pending from the fault before: allow for two
+        // source timeouts (5 s for Prometheus) before calling the fault unreported.
+        let deadline = since + Duration::from_secs(15);
+        loop {
+            let reported = events_between(run, &["source"], since, Instant::now())
+                .iter()
+                .any(|e| {
+                    e["error"]
+                        .as_str()
+                        .is_some_and(|text| text.contains(expected))
+                });
+            if reported {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{fault:?}: no `source` event naming {expected:?}\n{}",
+                run.transcript()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(hold.saturating_sub(since.elapsed())).await;
+    }
+    let healed = Instant::now();
+    proxy.set(Fault::Pass);
+    // A read that started just before the first fault may still judge on good data: one
+    // interval (500 ms) of grace, plus scheduling slack.
+    let acted = events_between(
+        run,
+        &["promote", "complete", "applied"],
+        first + Duration::from_millis(800),
+        healed,
+    );
+    assert!(
+        acted.is_empty(),
+        "acted while the metrics were failing: {acted:?}\n{}",
+        run.transcript()
+    );
+}
+
+/// A healthy rollout whose metrics — Envoy's admin, or a real Prometheus scraping it when
+/// `prometheus` — are read through a fault-injecting proxy, put through `faults` (see
+/// [`hold_through_metric_faults`]) once the first step is applied; it must then finish.
+async fn metric_faults_hold_the_rollout(
+    prometheus: bool,
+    faults: &[(meshcanary_e2e::faults::Fault, Duration, &str)],
+) {
+    use meshcanary_e2e::faults::FaultProxy;
+    use meshcanary_e2e::prometheus::PrometheusServer;
+    let mut admin = String::new();
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, envoy| {
+        admin = envoy.admin.clone();
+        spec["step_min_duration"] = json!("1s");
+        // The faults last longer than the default 10 s of the bench: no data for that long
+        // is what `no_data_timeout` is for, tested elsewhere.
+        spec["analysis"]["no_data_timeout"] = json!("60s");
+        // Updates are confirmed through the real admin; only metrics go through the faults.
+        spec["sink"]["ecds_file"]["admin"] = json!([envoy.admin]);
+    })
+    .await;
+    let server = match prometheus {
+        true => Some(PrometheusServer::start(std::slice::from_ref(&admin)).await),
+        false => None,
+    };
+    let proxy = FaultProxy::start(server.as_ref().map_or(&admin, |p| &p.url)).await;
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
+    spec["source"] = match prometheus {
+        true => json!({"prometheus": {"url": proxy.url()}}),
+        false => json!({"envoy_admin": [proxy.url()]}),
+    };
+    std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+    bench.start_load(300);
+    let mut run = Controller::run(&bench.spec);
+    assert!(
+        run.wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+            .await
+            .is_some(),
+        "{}",
+        run.transcript()
+    );
+    hold_through_metric_faults(&run, &proxy, faults).await;
+    assert_eq!(bench.ecds_canary_weight(), 2_000, "held at the first step");
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
+    assert!(
+        run.wait_event("source", Duration::ZERO, |e| e["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("readable again")))
+            .await
+            .is_some(),
+        "{}",
+        run.transcript()
+    );
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_admin_answering_500_slowly_or_garbage_holds_the_rollout_until_it_answers_again() {
+    use meshcanary_e2e::faults::Fault;
+    metric_faults_hold_the_rollout(
+        false,
+        &[
+            (Fault::Status(500), Duration::from_secs(2), "500"),
+            // Longer than the admin source's 2 s timeout.
+            (
+                Fault::Slow(Duration::from_secs(4)),
+                Duration::ZERO,
+                "timed out",
+            ),
+            (Fault::Garbage, Duration::from_secs(2), "unexpected answer"),
+            (
+                Fault::WrongShape,
+                Duration::from_secs(2),
+                "unexpected answer",
+            ),
+            (
+                Fault::Truncated,
+                Duration::from_secs(2),
+                "unexpected answer",
+            ),
+        ],
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prometheus_answering_500_slowly_or_garbage_holds_the_rollout_until_it_answers_again() {
+    use meshcanary_e2e::faults::Fault;
+    if !meshcanary_e2e::prometheus::prometheus_available("a_prometheus_answering_500") {
+        return;
+    }
+    metric_faults_hold_the_rollout(
+        true,
+        &[
+            (Fault::Status(503), Duration::from_secs(2), "503"),
+            // Longer than the Prometheus source's 5 s timeout.
+            (
+                Fault::Slow(Duration::from_secs(7)),
+                Duration::ZERO,
+                "timed out",
+            ),
+            (Fault::Garbage, Duration::from_secs(2), "unexpected answer"),
+            // Prometheus answers errors as JSON with `"status": "error"`; anything else
+            // without `"status": "success"` is refused the same way.
+            (Fault::WrongShape, Duration::from_secs(2), "refused"),
+        ],
+    )
+    .await;
+}
+
+/// Kills `bench`'s Envoy and starts it again with the same configuration, reading the
+/// ECDS file — after `before_start` (which may replace the file) — and points the
+/// forwarders at it once `gap` has passed since the kill. When it was killed.
+async fn restart_envoy(
+    bench: &mut Bench,
+    admin_fwd: &Forwarder,
+    listener_fwd: &Forwarder,
+    gap: Duration,
+    before_start: impl FnOnce(&Bench),
+) -> Instant {
+    let killed = Instant::now();
+    bench.envoy.kill().await;
+    before_start(bench);
+    let mut config = EnvoyConfig::stable_canary(
+        FilterSource::Ecds(bench.ecds.clone()),
+        bench.stable.addr,
+        bench.canary.addr,
+    );
+    config.stats_flush_interval = Some(Duration::from_secs(1));
+    bench.envoy = Envoy::start(&config).await.expect("envoy starts again");
+    tokio::time::sleep(gap.saturating_sub(killed.elapsed())).await;
+    admin_fwd.set_target(
+        bench
+            .envoy
+            .admin
+            .strip_prefix("http://")
+            .and_then(|a| a.parse().ok())
+            .expect("admin address"),
+    );
+    listener_fwd.set_target(bench.envoy.listener);
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_envoy_restarted_mid_rollout_gets_its_step_again_and_the_gap_never_counts() {
+    // Clients (the controller, the load) reach Envoy through forwarders, so the restarted
+    // Envoy, on new ports, stays where they know it — as a pod's address would.
+    let mut admin_fwd = None;
+    let mut listener_fwd = None;
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, envoy| {
+        admin_fwd = envoy
+            .admin
+            .strip_prefix("http://")
+            .and_then(|a| a.parse::<std::net::SocketAddr>().ok());
+        listener_fwd = Some(envoy.listener);
+        spec["step_min_duration"] = json!("4s");
+        spec["analysis"]["no_data_timeout"] = json!("30s");
+    })
+    .await;
+    let admin_fwd = Forwarder::start(admin_fwd.expect("admin address")).await;
+    let listener_fwd = Forwarder::start(listener_fwd.expect("listener")).await;
+    let mut spec: Value =
+        serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec")).expect("json");
+    let admin_url = format!("http://{}", admin_fwd.addr);
+    spec["source"]["envoy_admin"] = json!([admin_url]);
+    spec["sink"]["ecds_file"]["admin"] = json!([admin_url]);
+    std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+    bench.start_load_at(&format!("http://{}/", listener_fwd.addr), 300);
+    let mut run = Controller::run(&bench.spec);
+
+    // 1. A crash at 20 %: Envoy comes back reading the same file, so it runs the step's
+    //    version; the controller confirms that and writes nothing.
+    let at_20 = run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .unwrap_or_else(|| panic!("no first step\n{}", run.transcript()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = restart_envoy(
+        &mut bench,
+        &admin_fwd,
+        &listener_fwd,
+        Duration::from_secs(2),
+        |_| {},
+    )
+    .await;
+    let confirmed = run
+        .wait_event("confirmed", Duration::from_secs(15), |e| e["weight"] == 20)
+        .await
+        .unwrap_or_else(|| panic!("the restart was not confirmed\n{}", run.transcript()));
+    assert!(confirmed.at > killed);
+    assert_eq!(confirmed.json["generation"], at_20.json["generation"]);
+    let early = events_between(
+        &run,
+        &["promote", "complete", "applied"],
+        killed,
+        confirmed.at,
+    );
+    assert!(early.is_empty(), "acted across the gap: {early:?}");
+
+    // 2. A crash at 50 %: Envoy comes back with the file its pod starts with (the canary
+    //    at 0 %). The controller applies the step again, and the step's 4 s start over
+    //    once Envoy confirms it.
+    let at_50 = run
+        .wait_event("applied", RUN_LIMIT, |e| e["weight"] == 50)
+        .await
+        .unwrap_or_else(|| panic!("no second step\n{}", run.transcript()));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let killed = restart_envoy(
+        &mut bench,
+        &admin_fwd,
+        &listener_fwd,
+        Duration::from_secs(2),
+        |bench| write_ecds(&bench.ecds, "initial", &base_policy().to_string()),
+    )
+    .await;
+    let restart = run
+        .wait_event("restart", Duration::from_secs(15), |e| e["weight"] == 50)
+        .await
+        .unwrap_or_else(|| panic!("the second restart was not seen\n{}", run.transcript()));
+    assert!(restart.at > killed);
+    let reapplied = run
+        .wait_event("applied", Duration::from_secs(15), |e| {
+            e["weight"] == 50 && e["generation"].as_u64() > at_50.json["generation"].as_u64()
+        })
+        .await
+        .unwrap_or_else(|| panic!("the step was not applied again\n{}", run.transcript()));
+    let early = events_between(&run, &["promote", "complete"], killed, reapplied.at);
+    assert!(early.is_empty(), "promoted across the gap: {early:?}");
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(
+        applied_weights(&run),
+        vec![20, 50, 50, 100],
+        "{}",
+        run.transcript()
+    );
+    let complete = run
+        .wait_event("complete", Duration::ZERO, |_| true)
+        .await
+        .expect("completed");
+    assert!(
+        complete.at.duration_since(reapplied.at) >= Duration::from_millis(3800),
+        "the step's clock restarts once the step is confirmed again: completed {:?} after it\n{}",
+        complete.at.duration_since(reapplied.at),
+        run.transcript()
+    );
+    // The restarted Envoy runs what the controller confirmed last.
+    let users: Vec<String> = (0..100).map(|i| format!("after-restart-{i}")).collect();
+    let answers = route_keys(&bench.envoy, "x-user-id", &users, 2).await;
+    assert!(answers.iter().all(|a| a == "canary"), "{answers:?}");
+}
+
+/// The uid the test runs the controller as when the test itself runs as root (root
+/// writes through any permission): `nobody`.
+const UNPRIVILEGED: u32 = 65534;
+
+fn running_as_root() -> bool {
+    std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_or_unwritable_ecds_directory_holds_the_step_until_it_can_be_written() {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("1s");
+        spec["analysis"]["no_data_timeout"] = json!("60s");
+    })
+    .await;
+    let dir = bench.dir.path().to_path_buf();
+    let root = running_as_root();
+    let mut command = if root {
+        // Permissions bind only a user that is not root: run the controller as `nobody`,
+        // from copies of its binary and the module that `nobody` can read wherever the
+        // checkout lives.
+        let bin = dir.join("meshcanary");
+        std::fs::copy(paths::meshcanary_bin(), &bin).expect("copy the controller");
+        let wasm = dir.join("filter.wasm");
+        std::fs::copy(paths::wasm(), &wasm).expect("copy the module");
+        let mut spec: Value =
+            serde_json::from_str(&std::fs::read_to_string(&bench.spec).expect("spec"))
+                .expect("json");
+        spec["sink"]["ecds_file"]["wasm"] = json!(wasm);
+        std::fs::write(&bench.spec, spec.to_string()).expect("spec");
+        for entry in std::fs::read_dir(&dir).expect("dir") {
+            let path = entry.expect("entry").path();
+            std::os::unix::fs::chown(&path, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).expect("chown");
+        }
+        std::os::unix::fs::chown(&dir, Some(UNPRIVILEGED), Some(UNPRIVILEGED)).expect("chown");
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        let mut command = tokio::process::Command::new("setpriv");
+        command
+            .args(["--reuid", &UNPRIVILEGED.to_string()])
+            .args(["--regid", &UNPRIVILEGED.to_string()])
+            .arg("--clear-groups")
+            .arg(&bin);
+        command
+    } else {
+        tokio::process::Command::new(paths::meshcanary_bin())
+    };
+    command.arg("run").arg(&bench.spec).kill_on_drop(true);
+    bench.start_load(300);
+    let mut run = Controller::start_command(command).expect("start the controller");
+    assert!(
+        run.wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+            .await
+            .is_some(),
+        "{}",
+        run.transcript()
+    );
+
+    // A full disk: every temporary file the sink writes (policy and record) is /dev/full,
+    // so writing it fails with ENOSPC as a full file system does.
+    let tmp_files = [
+        dir.join("checkout.ecds.json.tmp"),
+        dir.join("checkout.ecds.json.state.json.tmp"),
+    ];
+    // Installed while the controller is stopped and between two writes (no temporary file
+    // exists): a write in progress would otherwise rename the symlink over its target.
+    loop {
+        run.signal("STOP");
+        if tmp_files.iter().all(|tmp| !tmp.exists()) {
+            break;
+        }
+        run.signal("CONT");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for tmp in &tmp_files {
+        std::os::unix::fs::symlink("/dev/full", tmp).expect("symlink to /dev/full");
+    }
+    run.signal("CONT");
+    let full_since = Instant::now();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors = events_between(&run, &["error"], full_since, Instant::now());
+    assert!(
+        errors.iter().any(|e| e["error"]
+            .as_str()
+            .is_some_and(|t| t.contains("No space left on device"))),
+        "{}",
+        run.transcript()
+    );
+    assert_eq!(bench.ecds_canary_weight(), 2_000, "still at the first step");
+    assert_eq!(run.try_wait().expect("wait"), None, "still running");
+    for tmp in &tmp_files {
+        let removed = std::fs::remove_file(tmp);
+        assert!(
+            removed.is_ok(),
+            "{}: {removed:?}\n{}",
+            tmp.display(),
+            run.transcript()
+        );
+    }
+    let at_50 = run
+        .wait_event("applied", Duration::from_secs(10), |e| e["weight"] == 50)
+        .await
+        .unwrap_or_else(|| panic!("not promoted once the disk had room\n{}", run.transcript()));
+    assert!(at_50.at >= full_since + Duration::from_secs(3));
+
+    // A directory the controller may not write to.
+    let unwritable_since = Instant::now();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555)).expect("chmod");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let errors = events_between(&run, &["error"], unwritable_since, Instant::now());
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    assert!(
+        errors.iter().any(|e| e["error"]
+            .as_str()
+            .is_some_and(|t| t.contains("Permission denied"))),
+        "{}",
+        run.transcript()
+    );
+    let acted = events_between(
+        &run,
+        &["applied"],
+        unwritable_since,
+        unwritable_since + Duration::from_secs(3),
+    );
+    assert!(acted.is_empty(), "{acted:?}");
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(0), "{}", run.transcript());
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
+    let text = std::fs::read_to_string(&bench.ecds).expect("ECDS file");
+    assert!(
+        serde_json::from_str::<Value>(&text).is_ok(),
+        "never half-written"
+    );
+}
+
+/// libfaketime, which the test preloads into the controller to step its wall clock.
+fn libfaketime() -> PathBuf {
+    if let Some(path) = std::env::var_os("MESHCANARY_LIBFAKETIME") {
+        return PathBuf::from(path);
+    }
+    let found = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists());
+    found.unwrap_or_else(|| {
+        panic!(
+            "libfaketime not found: install it with `apt-get install faketime` (make test \
+             does), or set MESHCANARY_LIBFAKETIME"
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wall_clock_step_while_it_runs_neither_shortens_nor_stretches_a_step() {
+    let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
+        spec["step_min_duration"] = json!("4s");
+        spec["analysis"]["no_data_timeout"] = json!("10s");
+        spec["analysis"]["on_no_data"] = json!("rollback");
+    })
+    .await;
+    // The controller's wall clock is real time plus the offset in this file, read at every
+    // call; its monotonic clock is left alone, as an NTP step leaves it.
+    let clock = bench.dir.path().join("clock-offset");
+    std::fs::write(&clock, "+0\n").expect("clock file");
+    let mut command = tokio::process::Command::new(paths::meshcanary_bin());
+    command
+        .arg("run")
+        .arg(&bench.spec)
+        .env("LD_PRELOAD", libfaketime())
+        .env("FAKETIME_TIMESTAMP_FILE", &clock)
+        .env("FAKETIME_NO_CACHE", "1")
+        .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
+        .kill_on_drop(true);
+    bench.start_load(300);
+    let mut run = Controller::start_command(command).expect("start the controller");
+    let at_20 = run
+        .wait_event("applied", Duration::from_secs(20), |e| e["weight"] == 20)
+        .await
+        .unwrap_or_else(|| panic!("{}", run.transcript()));
+    // One hour forward: counted as time, it would end the step's 4 s at once (and make
+    // the last data look an hour old).
+    std::fs::write(&clock, "+3600\n").expect("clock file");
+    let at_50 = run
+        .wait_event("applied", RUN_LIMIT, |e| e["weight"] == 50)
+        .await
+        .unwrap_or_else(|| panic!("{}", run.transcript()));
+    let step = at_50.at.duration_since(at_20.at);
+    assert!(
+        step >= Duration::from_millis(3800),
+        "a forward step shortened the first step to {step:?}\n{}",
+        run.transcript()
+    );
+    // Two hours back: counted as time, the second step would wait for the clock to catch up.
+    std::fs::write(&clock, "-3600\n").expect("clock file");
+    assert_eq!(
+        run.wait(Duration::from_secs(30)).await,
+        Some(0),
+        "a backward step stalled or failed the rollout\n{}",
+        run.transcript()
+    );
+    let at_100 = run
+        .wait_event("applied", Duration::ZERO, |e| e["weight"] == 100)
+        .await
+        .expect("promoted");
+    let step = at_100.at.duration_since(at_50.at);
+    assert!(
+        step >= Duration::from_millis(3800) && step <= Duration::from_secs(15),
+        "second step took {step:?}\n{}",
+        run.transcript()
+    );
+    assert_eq!(applied_weights(&run), vec![20, 50, 100]);
 }

@@ -21,11 +21,14 @@ async fn the_demo_promotes_a_healthy_canary_and_rolls_back_a_faulty_one() {
         meshcanary.display()
     );
     let started = Instant::now();
+    let reports = tempfile::tempdir().expect("temp dir");
     let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-demo"))
         .arg("--fast")
         .arg("--meshcanary")
         .arg(&meshcanary)
         .args(["--deadline-s", &DEADLINE_S.to_string()])
+        .arg("--report-dir")
+        .arg(reports.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .kill_on_drop(true)
@@ -83,6 +86,22 @@ async fn the_demo_promotes_a_healthy_canary_and_rolls_back_a_faulty_one() {
         summary.contains("0 requests reached the canary"),
         "nothing reaches the canary after the rollback\n{summary}"
     );
+
+    // One report page per rollout, each path printed; their plots are checked in a real
+    // browser by tests/report.rs.
+    for label in ["healthy", "faulty"] {
+        let page = reports.path().join(format!("{label}-report.html"));
+        assert!(
+            stdout.contains(&format!("{}", page.display())),
+            "{label}: report path printed\n{stdout}"
+        );
+        let html = std::fs::read_to_string(&page).expect("report written");
+        assert_eq!(
+            html.matches("<svg class=\"plot\"").count(),
+            4,
+            "{label}: four plots"
+        );
+    }
 
     // Everything it started is gone: nothing answers on the ports it announced.
     let announced: Vec<SocketAddr> = stdout

@@ -526,6 +526,30 @@ impl ConfigSink for RolloutSink {
         Ok(())
     }
 
+    /// The EnvoyFilter exists and carries the record's weight (istiod brings restarted
+    /// sidecars up to date by itself; what can be lost is the object, deleted or
+    /// overwritten by someone else).
+    async fn is_live(&self, record: &Record) -> Result<bool, SinkError> {
+        let api: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            &self.envoy.namespace,
+            &envoy_filter_resource(),
+        );
+        let request = format!(
+            "GET envoyfilters.networking.istio.io {}/{}",
+            self.envoy.namespace, self.envoy.name
+        );
+        let object = self.timed(request, api.get_opt(&self.envoy.name)).await?;
+        let weight = record.applied_weight.to_string();
+        Ok(object.is_some_and(|o| {
+            o.metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(WEIGHT_ANNOTATION))
+                == Some(&weight)
+        }))
+    }
+
     async fn save(&self, record: &Record) -> Result<(), SinkError> {
         self.check_leader()?;
         self.write_status(record).await

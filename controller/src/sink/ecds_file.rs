@@ -206,6 +206,20 @@ impl ConfigSink for EcdsFile {
         }
     }
 
+    /// Every admin endpoint reports the record's version (a restarted Envoy reads the
+    /// file again; one that came back with another file does not).
+    async fn is_live(&self, record: &Record) -> Result<bool, SinkError> {
+        let version = version_of(record);
+        for admin in &self.spec.admin {
+            match self.ecds_stats(admin).await {
+                Ok((Some(v), _)) if v == version => {}
+                Ok(_) => return Ok(false),
+                Err(detail) => return Err(SinkError::Unverifiable { version, detail }),
+            }
+        }
+        Ok(true)
+    }
+
     async fn save(&self, record: &Record) -> Result<(), SinkError> {
         let bytes = serde_json::to_vec_pretty(record).map_err(|e| SinkError::Io {
             path: self.state_path().display().to_string(),

@@ -839,6 +839,21 @@ impl ConfigSink for Kubernetes {
             .await
     }
 
+    /// The EnvoyFilter still carries the record's generation (istiod brings restarted
+    /// sidecars up to date by itself; what can be lost is the object, deleted or
+    /// overwritten by someone else).
+    async fn is_live(&self, record: &Record) -> Result<bool, SinkError> {
+        let generation = record.generation.to_string();
+        Ok(self.get().await?.is_some_and(|object| {
+            object
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get(GENERATION_ANNOTATION))
+                == Some(&generation)
+        }))
+    }
+
     async fn save(&self, record: &Record) -> Result<(), SinkError> {
         self.check_claim()?;
         let known = lock(&self.last_spec).clone();

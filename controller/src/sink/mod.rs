@@ -74,6 +74,14 @@ pub enum SinkError {
         /// The last thing it saw.
         detail: String,
     },
+    /// Whether the proxies run a version could not be found out (asked after a restart).
+    #[error("cannot tell whether the proxies run version {version}: {detail}")]
+    Unverifiable {
+        /// Version expected.
+        version: String,
+        /// What failed.
+        detail: String,
+    },
     /// The Kubernetes API server refused a request, or could not be reached in time.
     #[error("{request}: {reason}")]
     Api {
@@ -111,6 +119,14 @@ pub trait ConfigSink {
         policy: &Value,
         record: &Record,
     ) -> impl Future<Output = Result<(), SinkError>> + Send;
+
+    /// Whether the proxies run the policy `record` was applied with, asked after a proxy
+    /// restarted; `Ok(false)` makes the controller apply it again. A sink that cannot see
+    /// the proxies one by one answers from what it wrote (the default: yes).
+    fn is_live(&self, record: &Record) -> impl Future<Output = Result<bool, SinkError>> + Send {
+        let _ = record;
+        async { Ok(true) }
+    }
 
     /// Saves the record alone (the policy is unchanged).
     fn save(&self, record: &Record) -> impl Future<Output = Result<(), SinkError>> + Send;
@@ -180,6 +196,13 @@ impl ConfigSink for AnySink {
         match self {
             AnySink::EcdsFile(s) => s.apply(policy, record).await,
             AnySink::Kubernetes(s) => s.apply(policy, record).await,
+        }
+    }
+
+    async fn is_live(&self, record: &Record) -> Result<bool, SinkError> {
+        match self {
+            AnySink::EcdsFile(s) => s.is_live(record).await,
+            AnySink::Kubernetes(s) => s.is_live(record).await,
         }
     }
 

@@ -17,7 +17,10 @@
 //!
 //! The controller's events are streamed as they come (`[healthy] …`, `[faulty] …`); a
 //! closing summary gives the steps applied, the verdicts with their numbers, the faulty
-//! rollout's detection time and time to rollback, and the load generator's totals.
+//! rollout's detection time and time to rollback, and the load generator's totals. Each
+//! rollout's event stream is saved as `<label>-events.jsonl` in `--report-dir` (default
+//! `target/demo/`) and turned into `<label>-report.html` by `meshcanary report`; the
+//! paths are printed at the end.
 //!
 //! Where the programs come from: `meshcanary-upstream` and `meshcanary-load` from
 //! `--bin-dir`, by default the folder this program runs from (cargo builds a workspace's
@@ -84,6 +87,10 @@ struct Args {
     /// Share of requests the faulty canary answers with 500.
     #[arg(long, default_value_t = 0.10, value_parser = parse_rate)]
     fault_error_rate: f64,
+    /// Where each rollout's events (`<label>-events.jsonl`) and report
+    /// (`<label>-report.html`) are written [default: target/demo in the repository].
+    #[arg(long)]
+    report_dir: Option<PathBuf>,
     /// Stop everything and exit 124 after this many seconds.
     #[arg(long, default_value_t = 170)]
     deadline_s: u64,
@@ -412,6 +419,11 @@ async fn demo(args: &Args, deadline: Instant) -> Result<bool, String> {
 
     let runs = [healthy, faulty];
     summary(&runs);
+    let report_dir = args
+        .report_dir
+        .clone()
+        .unwrap_or_else(|| paths::repo().join("target/demo"));
+    write_reports(&runs, &report_dir, &bench.programs.meshcanary).await?;
     let as_expected = runs[0].exit == Some(0) && runs[1].exit == Some(3);
     if !as_expected {
         say(format!(
@@ -424,6 +436,47 @@ async fn demo(args: &Args, deadline: Instant) -> Result<bool, String> {
     // Stopped here, explicitly, so the closing line is true; drops would do it too.
     bench.stop().await;
     Ok(as_expected)
+}
+
+/// Saves each rollout's event stream and its `meshcanary report` page in `dir`, and
+/// prints the pages' paths.
+async fn write_reports(runs: &[RolloutRun], dir: &Path, meshcanary: &Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    say("");
+    for run in runs {
+        let events = dir.join(format!("{}-events.jsonl", run.label));
+        let mut lines = String::new();
+        for event in &run.events {
+            // Lines that were not JSON were kept as strings: written back as they came.
+            match &event.json {
+                Value::String(line) => lines.push_str(line),
+                json => lines.push_str(&json.to_string()),
+            }
+            lines.push('\n');
+        }
+        std::fs::write(&events, lines)
+            .map_err(|e| format!("cannot write {}: {e}", events.display()))?;
+        let page = dir.join(format!("{}-report.html", run.label));
+        let output = tokio::process::Command::new(meshcanary)
+            .arg("report")
+            .arg(&events)
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {} report: {e}", meshcanary.display()))?;
+        if !output.status.success() {
+            return Err(format!(
+                "{} report {} failed ({}): {}",
+                meshcanary.display(),
+                events.display(),
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
+        std::fs::write(&page, &output.stdout)
+            .map_err(|e| format!("cannot write {}: {e}", page.display()))?;
+        say(format!("report: {:<8} {}", run.label, page.display()));
+    }
+    Ok(())
 }
 
 /// What runs where, and the spec, before the first rollout.
