@@ -12,6 +12,10 @@
 #                  writes target/bench/results.json (< 5 minutes)
 #   make bench-host-calls  what each kind of host call the filter makes costs in real
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
+#   make bench-costs  the filter's cost per request counted deterministically: the real
+#                  module under an interpreter, instructions and host calls per request for
+#                  each rule kind, the bench mix and grown policies, checked against
+#                  bench/costs/baseline.json (seconds; the check also runs in make test)
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
@@ -64,7 +68,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke
+.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -274,6 +278,15 @@ bench: bench-deps
 bench-host-calls: bench-deps
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench --host-calls
+
+# bench/costs (crate meshcanary-costs): the real module under the wasmi interpreter with
+# fuel metering and stub host functions, driven through Envoy's callbacks. Deterministic,
+# so it guards every commit: its test (bench/costs/tests/baseline.rs) runs in `make test`
+# with the other workspace tests. --write-baseline records new numbers on purpose.
+bench-costs: wasm
+	./scripts/build-wasm.sh bench-empty
+	$(CARGO) build --release --locked -p meshcanary-costs
+	./target/release/meshcanary-costs --check
 
 # Smoke mode: one 1-second round per configuration; fails unless every row produced
 # numbers and the JSON was written. Debug build, like the other tests.

@@ -10,6 +10,10 @@
     deny(clippy::unwrap_used, clippy::expect_used, clippy::panic)
 )]
 
+// Natively only its unit tests use it: the native tests are multi-threaded, and the
+// free lists are for a single-threaded VM.
+#[cfg_attr(not(target_arch = "wasm32"), allow(dead_code))]
+mod alloc;
 mod host;
 mod metrics;
 mod shadow;
@@ -27,6 +31,12 @@ use proxy_wasm::types::{Action, ContextType, LogLevel};
 
 use metrics::{parse_status, response_class, FilterError, Metrics, NO_RESPONSE};
 use shadow::{CopyInProgress, Shadow, Skip};
+
+/// Per-request allocations come from size-class free lists (see `alloc.rs`): in the
+/// module only, the native unit tests keep the system allocator.
+#[cfg(target_arch = "wasm32")]
+#[global_allocator]
+static ALLOCATOR: alloc::Pools = alloc::Pools::new();
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -281,20 +291,26 @@ impl HttpContext for RoutingStream {
         } else {
             None
         };
-        let inputs: Vec<Option<Cow<[u8]>>> = policy
-            .inputs
-            .iter()
-            .map(|name| match &map {
-                Some(map) => map.get(name).map(Cow::Borrowed),
-                None if configured.read_whole_map => None,
-                None => host::request_header(name)
-                    .unwrap_or_else(|_| {
-                        metrics.error(FilterError::ReadHeader);
-                        None
-                    })
-                    .map(Cow::Owned),
-            })
-            .collect();
+        let inputs: Vec<Option<Cow<[u8]>>> = match &map {
+            Some(map) => map
+                .select(&policy.inputs)
+                .into_iter()
+                .map(|value| value.map(Cow::Borrowed))
+                .collect(),
+            None if configured.read_whole_map => vec![None; policy.inputs.len()],
+            None => policy
+                .inputs
+                .iter()
+                .map(|name| {
+                    host::request_header(name)
+                        .unwrap_or_else(|_| {
+                            metrics.error(FilterError::ReadHeader);
+                            None
+                        })
+                        .map(Cow::Owned)
+                })
+                .collect(),
+        };
         // Routing comes first, so a copy carries the primary's decision header too.
         let decision = policy.decide(inputs.as_slice(), || configured.next_random());
         let variant = &policy.variants[decision.variant];

@@ -122,7 +122,8 @@ pub enum Test {
     Equals(String),
     /// The value starts with this string.
     Prefix(String),
-    /// The value equals one of these strings.
+    /// The value equals one of these strings (sorted, without duplicates: the compiled
+    /// policy looks a value up by binary search).
     In(Vec<String>),
     /// The value is present (`true`) or absent (`false`).
     Present(bool),
@@ -602,7 +603,13 @@ impl Decoder {
                 let mut ok = true;
                 for (i, item) in items.iter().enumerate() {
                     match self.string(item, &format!("{}[{}]", path, i)) {
-                        Some(s) => out.push(s.to_string()),
+                        // Kept sorted and without duplicates by inserting in place (a
+                        // sort routine would add kilobytes to the module for this alone).
+                        Some(s) => {
+                            if let Err(at) = out.binary_search_by(|v: &String| v.as_str().cmp(s)) {
+                                out.insert(at, s.to_string());
+                            }
+                        }
                         None => ok = false,
                     }
                 }

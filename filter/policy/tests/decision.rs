@@ -754,3 +754,61 @@ fn raising_the_canary_keeps_the_others_in_place_with_three_variants() {
         );
     }
 }
+
+#[test]
+fn long_in_lists_in_any_order_and_with_duplicates_match_exactly_their_values() {
+    // Compiled sorted and deduplicated (looked up by binary search): order and repeats in
+    // the JSON must not change what matches.
+    let mut values: Vec<String> = (0..1000).rev().map(|i| format!("v{i}")).collect();
+    values.push("v7".into());
+    values.push("".into());
+    let list = serde_json::to_string(&values).unwrap();
+    let p = with_condition(&format!(r#"{{"header": "x-plan", "in": {list}}}"#));
+    for i in [0, 1, 7, 10, 99, 500, 998, 999] {
+        assert!(matches(&p, &[("x-plan", &format!("v{i}"))]), "v{i}");
+    }
+    assert!(matches(&p, &[("x-plan", "")]));
+    for miss in ["v1000", "v-1", "v", "V7", "v07", "w1"] {
+        assert!(!matches(&p, &[("x-plan", miss)]), "{miss}");
+    }
+}
+
+#[test]
+fn many_rules_on_the_same_cookies_and_query_parameters_decide_as_each_rule_alone() {
+    // A decision parses a cookie or query parameter once for consecutive conditions on the
+    // same name; interleaved names and kinds must still each see their own value.
+    let mut rules = Vec::new();
+    for i in 0..30 {
+        let when = match i % 5 {
+            0 => format!(r#"{{"cookie": "tenant", "equals": "t{i}"}}"#),
+            1 => format!(r#"{{"query": "tenant", "equals": "t{i}"}}"#),
+            2 => format!(r#"{{"cookie": "plan", "prefix": "p{i}-"}}"#),
+            3 => format!(r#"{{"query": "item", "in": ["i{i}", "x"]}}"#),
+            _ => format!(
+                r#"{{"cookie": "tenant", "present": false}}, {{"query": "tenant", "equals": "q{i}"}}"#
+            ),
+        };
+        rules.push(format!(
+            r#"{{"name": "r{i}", "when": [{when}], "variant": "canary"}}"#
+        ));
+    }
+    let p = with_rules(&format!("[{}]", rules.join(",")));
+    let rule_of = |cookie: &str, path: &str| {
+        p.decide(
+            &request(&p, &[("cookie", cookie), (":path", path)]),
+            no_draw,
+        )
+        .rule
+    };
+    assert_eq!(
+        rule_of("tenant=t25; plan=zz", "/?tenant=none&item=none"),
+        Some(25)
+    );
+    assert_eq!(rule_of("tenant=zz", "/?tenant=t26"), Some(26));
+    assert_eq!(rule_of("plan=p27-x", "/?tenant=none"), Some(27));
+    assert_eq!(rule_of("plan=none", "/?item=i28&tenant=none"), Some(28));
+    assert_eq!(rule_of("plan=none", "/?tenant=q29"), Some(29));
+    assert_eq!(rule_of("tenant=x; plan=none", "/?tenant=q29"), None);
+    assert_eq!(rule_of("tenant=t0", "/?tenant=t1"), Some(0));
+    assert_eq!(rule_of("tenant=zz", "/?tenant=t1"), Some(1));
+}

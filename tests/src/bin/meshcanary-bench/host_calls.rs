@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use serde_json::{json, Value};
 
-use crate::report::{self, Measured, Spread};
+use crate::report::{self, Spread};
 use crate::setups::{self, Addresses, Family, Setup};
 use crate::{wrk, Plan};
 
@@ -76,33 +76,19 @@ pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), St
             baseline: "none".into(),
         })
         .collect();
-    let mut measured = Vec::with_capacity(CALLS.len());
-    for (setup, envoy, runs) in crate::alternate(plan, script, probes, Instant::now()).await? {
-        let log = envoy.log();
-        envoy.stop().await;
-        if let Some(line) = meshcanary_e2e::wasm_failure(&log) {
-            return Err(format!(
-                "probe {}: the module failed in Envoy: {line}",
-                setup.id
-            ));
-        }
-        for (round, run) in runs.iter().enumerate() {
+    let measured = crate::alternate(plan, script, probes, Instant::now()).await?;
+    for m in &measured {
+        for (round, run) in m.runs.iter().enumerate() {
             if run.socket_errors + run.status_errors > 0 || run.requests == 0 {
                 return Err(format!(
                     "round {}, probe {}: {} requests, {} failed",
                     round + 1,
-                    setup.id,
+                    m.setup.id,
                     run.requests,
                     run.socket_errors + run.status_errors
                 ));
             }
         }
-        measured.push(Measured {
-            setup,
-            runs,
-            rss_kib: None,
-            counters: Vec::new(),
-        });
     }
 
     // Per round: (CPU per request with the call − without) / REPEAT, and the same for

@@ -278,31 +278,9 @@ async fn run(plan: &Plan) -> Result<(), String> {
     } else {
         setups::compare(&addrs, &plan.empty_wasm, &plan.compare)
     };
-    let running = alternate(plan, &script, setups, started).await?;
+    let measured = alternate(plan, &script, setups, started).await?;
 
-    // --- 4. after the load: memory and counters, then stop everything ------------------
-    let mut measured = Vec::with_capacity(running.len());
-    for (setup, envoy, runs) in running {
-        let rss_kib = envoy.pid().and_then(meshcanary_e2e::envoy::rss_kib);
-        let prefix = format!("wasmcustom.meshcanary.{}.", setups::POLICY_NAME);
-        let mut counters: Vec<(String, u64)> = envoy
-            .stats()
-            .await
-            .into_iter()
-            .filter(|(name, value)| name.starts_with(&prefix) && *value > 0)
-            .map(|(name, value)| (name[prefix.len()..].to_string(), value))
-            .collect();
-        counters.sort();
-        let log = envoy.log();
-        envoy.stop().await;
-        meshcanary_e2e::assert_no_wasm_failure(&log);
-        measured.push(Measured {
-            setup,
-            runs,
-            rss_kib,
-            counters,
-        });
-    }
+    // --- 4. stop the upstreams ------------------------------------------------------------
     drop((primary, fast_shadow, slow_shadow));
 
     // --- 5. the report ------------------------------------------------------------------
@@ -536,49 +514,74 @@ fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
     }
 }
 
-/// Starts one Envoy per configuration (each checked with a first request), warms each
-/// up, then runs the rounds: every configuration once per round, in order.
+/// Runs the rounds: every configuration once per round, in order. Each measurement gets
+/// an Envoy of its own, started from the configuration's bootstrap, checked with a first
+/// request, warmed up, measured and stopped before the next one starts: no other Envoy
+/// runs (idle, timers, memory) while one is measured, and no run inherits another's
+/// state (V8's compiled tiers, connections, stats). The counters and memory reported are
+/// the last round's, read after its load.
 async fn alternate(
     plan: &Plan,
     script: &Path,
     setups: Vec<Setup>,
     started: Instant,
-) -> Result<Vec<(Setup, Envoy, Vec<wrk::Run>)>, String> {
-    let mut running: Vec<(Setup, Envoy)> = Vec::new();
-    for setup in setups {
-        let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
-        let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
-            .await
-            .map_err(|e| format!("row {} ({}): Envoy did not start: {e}", setup.row, setup.id))?;
-        check_answers(&envoy, &setup).await?;
-        running.push((setup, envoy));
-    }
-
-    if !plan.warmup.is_zero() {
-        for (setup, envoy) in &running {
-            wrk::run(
-                script,
-                envoy.listener,
-                None,
-                plan.connections_for(setup),
-                plan.warmup,
-            )
-            .await?;
-        }
-    }
-    let mut runs: Vec<Vec<wrk::Run>> = vec![Vec::new(); running.len()];
+) -> Result<Vec<Measured>, String> {
+    let mut measured: Vec<Measured> = setups
+        .into_iter()
+        .map(|setup| Measured {
+            setup,
+            runs: Vec::new(),
+            rss_kib: None,
+            counters: Vec::new(),
+        })
+        .collect();
     for round in 1..=plan.rounds {
-        for (i, (setup, envoy)) in running.iter().enumerate() {
-            let run = wrk::run(
-                script,
-                envoy.listener,
-                envoy.pid(),
-                plan.connections_for(setup),
-                plan.duration,
-            )
-            .await
-            .map_err(|e| format!("round {round}, row {}: {e}", setup.row))?;
-            runs[i].push(run);
+        for m in measured.iter_mut() {
+            let setup = &m.setup;
+            let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
+            let envoy = Envoy::start_with_file(&text, "envoy.json", WORKERS)
+                .await
+                .map_err(|e| {
+                    format!("row {} ({}): Envoy did not start: {e}", setup.row, setup.id)
+                })?;
+            let connections = plan.connections_for(setup);
+            let outcome = async {
+                check_answers(&envoy, setup).await?;
+                if !plan.warmup.is_zero() {
+                    wrk::run(script, envoy.listener, None, connections, plan.warmup).await?;
+                }
+                wrk::run(
+                    script,
+                    envoy.listener,
+                    envoy.pid(),
+                    connections,
+                    plan.duration,
+                )
+                .await
+                .map_err(|e| format!("round {round}, row {}: {e}", setup.row))
+            }
+            .await;
+            let rss_kib = envoy.pid().and_then(meshcanary_e2e::envoy::rss_kib);
+            let prefix = format!("wasmcustom.meshcanary.{}.", setups::POLICY_NAME);
+            let mut counters: Vec<(String, u64)> = envoy
+                .stats()
+                .await
+                .into_iter()
+                .filter(|(name, value)| name.starts_with(&prefix) && *value > 0)
+                .map(|(name, value)| (name[prefix.len()..].to_string(), value))
+                .collect();
+            counters.sort();
+            let log = envoy.log();
+            envoy.stop().await;
+            if let Some(line) = meshcanary_e2e::wasm_failure(&log) {
+                return Err(format!(
+                    "round {round}, row {} ({}): the module failed in Envoy: {line}",
+                    setup.row, setup.id
+                ));
+            }
+            m.runs.push(outcome?);
+            m.rss_kib = rss_kib;
+            m.counters = counters;
         }
         eprintln!(
             "meshcanary-bench: round {round}/{} done ({:.0} s)",
@@ -586,12 +589,7 @@ async fn alternate(
             started.elapsed().as_secs_f64()
         );
     }
-
-    Ok(running
-        .into_iter()
-        .zip(runs)
-        .map(|((setup, envoy), runs)| (setup, envoy, runs))
-        .collect())
+    Ok(measured)
 }
 
 async fn check_answers(envoy: &Envoy, setup: &Setup) -> Result<(), String> {

@@ -128,6 +128,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
 
     let mut native = base(addrs, FilterSource::None, addrs.fast_shadow);
     set_routes(&mut native, direct_routes.clone());
+    keep_clusters(&mut native, &[]);
 
     let mut routed = base(
         addrs,
@@ -135,6 +136,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
         addrs.fast_shadow,
     );
     set_routes(&mut routed, direct_routes.clone());
+    keep_clusters(&mut routed, &[]);
 
     let mut mirrored = base(
         addrs,
@@ -142,6 +144,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
         addrs.fast_shadow,
     );
     set_routes(&mut mirrored, direct_routes);
+    keep_clusters(&mut mirrored, &[SHADOW_CLUSTER]);
 
     // Row 5: Envoy's own route matching does the policy's job. Direct responses have no
     // cluster to weigh, so the 10 % split is a route-level percentage (`runtime_fraction`,
@@ -160,6 +163,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
             rest.push(catch_all(direct("stable")));
         }),
     );
+    keep_clusters(&mut native_routing, &[]);
 
     // Latency family: the harness's default routes (decision header -> cluster).
     let upstream_plain = base(addrs, FilterSource::Inline(policy_plain), addrs.slow_shadow);
@@ -361,8 +365,18 @@ pub fn probe(addrs: &Addresses, probe_wasm: &Path, configuration: &str) -> Value
 fn direct_with_module(addrs: &Addresses, wasm: &Path, policy: &str) -> Value {
     let mut bootstrap = base(addrs, FilterSource::Inline("{}".into()), addrs.fast_shadow);
     set_routes(&mut bootstrap, direct_routes());
+    keep_clusters(&mut bootstrap, &[]);
     http_filters(&mut bootstrap)[0]["typed_config"] = wasm_filter(policy, wasm);
     bootstrap
+}
+
+/// Leaves only the clusters `names` in a bootstrap. The throughput rows answer directly
+/// and need none (row 4 needs its shadow): every row then has the same minimal
+/// configuration — one listener, one route table, no cluster it does not use.
+fn keep_clusters(bootstrap: &mut Value, names: &[&str]) {
+    if let Some(clusters) = bootstrap["static_resources"]["clusters"].as_array_mut() {
+        clusters.retain(|c| names.iter().any(|n| c["name"] == *n));
+    }
 }
 
 /// The harness's rendering with `stable` and `canary` on the primary upstream, a
