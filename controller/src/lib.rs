@@ -14,7 +14,9 @@
 )]
 
 pub mod fleet;
+pub mod hooks;
 pub mod kubernetes;
+pub mod notify;
 pub mod output;
 pub mod render;
 pub mod rollout;

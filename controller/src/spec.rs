@@ -26,6 +26,7 @@ use crate::verdict::{self, Analysis, OnNoData};
 
 pub mod document;
 pub mod schema_check;
+pub mod webhooks;
 
 use document::{
     AnalysisDocument, ContextDocument, EcdsFileDocument, FailurePolicyDocument, KubernetesDocument,
@@ -64,6 +65,10 @@ pub struct RolloutSpec {
     pub source: SourceSpec,
     /// Where the policy is written.
     pub sink: SinkSpec,
+    /// The webhooks, in the spec's order (see [`crate::hooks`]).
+    pub webhooks: Vec<webhooks::WebhookSpec>,
+    /// The notification targets, in the spec's order (see [`crate::notify`]).
+    pub notify: Vec<webhooks::NotifyTarget>,
 }
 
 /// Where metrics are read.
@@ -479,6 +484,8 @@ impl Checker<'_, '_> {
             Some(s) => self.source(s),
         };
         let sink = self.sink(d.sink.as_ref(), source.as_ref());
+        let hooks = self.webhooks(d.webhooks.as_ref());
+        let notify = self.notify(d.notify.as_ref());
         // Ranges and cross-field rules belong to the verdict's own spec; run them on what
         // could be read (defaults standing in for unreadable fields, whose problems were
         // already reported) so that every problem shows at once.
@@ -514,6 +521,8 @@ impl Checker<'_, '_> {
             interval: interval?,
             source: source?,
             sink: sink?,
+            webhooks: hooks?,
+            notify: notify?,
         })
     }
 

@@ -97,6 +97,7 @@ async fn exercise(spec: &KubernetesSpec) -> Result<(), String> {
         generation: 2,
         state,
         updated_unix_ms: 1_785_000_000_000,
+        hooks: Default::default(),
     };
     let policy = json!({
         "name": "checkout", "variants": ["stable", "canary"],

@@ -469,6 +469,7 @@ fn record() -> Record {
         generation: 3,
         state,
         updated_unix_ms: 1_785_000_070_000,
+        hooks: Default::default(),
     }
 }
 

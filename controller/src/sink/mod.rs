@@ -26,6 +26,10 @@ pub struct Record {
     pub state: verdict::State,
     /// Wall-clock time of the last write, in milliseconds since the Unix epoch.
     pub updated_unix_ms: u64,
+    /// What the webhooks said so far (gates passed, failures in a row), so that a restart
+    /// neither forgets a failing hook nor asks a passed gate again. Left out while empty.
+    #[serde(default, skip_serializing_if = "crate::hooks::HookState::is_empty")]
+    pub hooks: crate::hooks::HookState,
 }
 
 impl Record {
@@ -38,6 +42,7 @@ impl Record {
             generation: 0,
             state: verdict::State::start(now),
             updated_unix_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
+            hooks: crate::hooks::HookState::default(),
         }
     }
 }
