@@ -227,6 +227,7 @@ async fn a_pre_rollout_gate_holds_the_first_weight_and_a_confirm_gate_holds_prom
         })
         .await
         .unwrap_or_else(|| panic!("no gate hold\n{}", run.transcript()));
+    println!("gate hold: {}", gated.json["message"]);
     assert_eq!(gated.json["held"], "promote");
     assert!(gated.json["message"]
         .as_str()
@@ -353,9 +354,15 @@ async fn a_rollback_reaches_the_rollback_hook_and_a_slack_compatible_receiver_wi
         .find(|t| t.starts_with(":red_circle: *checkout* rollback: ROLLBACK"))
         .unwrap_or_else(|| panic!("no rollback message in {texts:?}"));
     assert!(rolled_back.contains(reason), "{rolled_back}");
+    let canary = &rollback.json["numbers"]["canary"];
+    let counts = format!(
+        "canary {:.0} req, {:.0} err",
+        canary["requests"].as_f64().expect("requests"),
+        canary["errors"].as_f64().expect("errors")
+    );
     assert!(
-        rolled_back.contains(" req / "),
-        "the numbers: {rolled_back}"
+        rolled_back.contains(&counts),
+        "the numbers ({counts}): {rolled_back}"
     );
 
     // The JSON target takes info too: the start and the rollback, with the numbers.
