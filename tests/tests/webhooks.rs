@@ -6,20 +6,20 @@
 //! Rollouts are short (steps 20 → 50 → 100 %, 2 s minimum per step, 0.5 s ticks) so each
 //! test ends in seconds.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use meshcanary_e2e::controller::Controller;
+use meshcanary_e2e::controller::{Controller, Event};
 use meshcanary_e2e::{paths, write_ecds, Behaviour, Envoy, EnvoyConfig, FilterSource, Upstream};
 use serde_json::{json, Value};
 use tokio::process::{Child, Command};
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
-fn base_policy() -> Value {
+fn base_policy(name: &str) -> Value {
     json!({
-        "name": "checkout",
+        "name": name,
         "variants": ["stable", "canary"],
         "rules": [
             {"name": "rollout", "split": {"by": {"header": "x-user-id"}, "salt": "checkout-v2",
@@ -31,7 +31,7 @@ fn base_policy() -> Value {
 /// Envoy with a stable and a canary upstream, the spec (with the test's webhooks and
 /// notify section) and the load generator; everything dies with it.
 struct Rig {
-    _dir: tempfile::TempDir,
+    _dir: Option<tempfile::TempDir>,
     envoy: Envoy,
     canary: Upstream,
     spec: PathBuf,
@@ -40,19 +40,39 @@ struct Rig {
 }
 
 impl Rig {
+    /// A rollout of policy `checkout` with its spec in a folder of its own (for `run`).
     async fn start(canary: Behaviour, hooks: Value, notify: Option<Value>) -> Rig {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let mut rig = Rig::start_in(dir.path(), "checkout", canary, hooks, notify).await;
+        rig._dir = Some(dir);
+        rig
+    }
+
+    /// A rollout of policy `name`: its spec is `<root>/specs/<name>.yaml` (the folder
+    /// `serve` reads), its policy and ECDS file are in `<root>/work/`.
+    async fn start_in(
+        root: &Path,
+        name: &str,
+        canary: Behaviour,
+        hooks: Value,
+        notify: Option<Value>,
+    ) -> Rig {
         let stable = Upstream::start("stable").await;
         let canary = Upstream::start_with("canary", canary).await;
-        let dir = tempfile::tempdir().expect("temp dir");
-        let ecds = dir.path().join("checkout.ecds.json");
-        write_ecds(&ecds, "initial", &base_policy().to_string());
+        let work = root.join("work");
+        let specs = root.join("specs");
+        std::fs::create_dir_all(&work).expect("work dir");
+        std::fs::create_dir_all(&specs).expect("spec dir");
+        let ecds = work.join(format!("{name}.ecds.json"));
+        write_ecds(&ecds, "initial", &base_policy(name).to_string());
         let mut config =
             EnvoyConfig::stable_canary(FilterSource::Ecds(ecds.clone()), stable.addr, canary.addr);
         config.stats_flush_interval = Some(Duration::from_secs(1));
         let envoy = Envoy::start(&config).await.expect("envoy starts");
-        std::fs::write(dir.path().join("policy.json"), base_policy().to_string()).expect("policy");
+        let policy = work.join(format!("{name}.policy.json"));
+        std::fs::write(&policy, base_policy(name).to_string()).expect("policy");
         let mut spec = json!({
-            "policy": "policy.json",
+            "policy": policy,
             "split_rule": "rollout",
             "canary": "canary",
             "steps": [20, 50, 100],
@@ -67,7 +87,7 @@ impl Rig {
         if let Some(notify) = notify {
             spec["notify"] = notify;
         }
-        let spec_path = dir.path().join("rollout.yaml");
+        let spec_path = specs.join(format!("{name}.yaml"));
         // JSON is YAML.
         std::fs::write(
             &spec_path,
@@ -77,7 +97,7 @@ impl Rig {
         // Keep the stable upstream alive as long as the rig: Envoy routes to it.
         std::mem::forget(stable);
         Rig {
-            _dir: dir,
+            _dir: None,
             envoy,
             canary,
             spec: spec_path,
@@ -148,6 +168,15 @@ fn posts(receiver: &Upstream, path: &str) -> Vec<Value> {
         .into_iter()
         .filter(|r| r.method == "POST" && r.path == path)
         .map(|r| serde_json::from_slice(&r.body).expect("a JSON body"))
+        .collect()
+}
+
+/// The events of one rollout of a `serve DIR` (its key) of one kind.
+fn of(serve: &Controller, key: &str, kind: &str) -> Vec<Event> {
+    serve
+        .events()
+        .into_iter()
+        .filter(|e| e.json["rollout"] == key && e.kind() == kind)
         .collect()
 }
 
@@ -461,4 +490,84 @@ async fn a_failing_pre_rollout_hook_counts_across_a_restart_and_rolls_back_at_ma
         "the end's hooks are called once"
     );
     assert_eq!(posts(&smoke, "/run").len(), 12);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hanging_gate_holds_only_its_own_rollout_and_a_stop_interrupts_it() {
+    let root = tempfile::tempdir().expect("temp dir");
+    // The gate takes every call but answers only after 60 s: each call waits for the
+    // hook's 30 s timeout.
+    let gate = Upstream::start_with(
+        "gate",
+        Behaviour {
+            delay: Duration::from_secs(60),
+            ..Behaviour::default()
+        },
+    )
+    .await;
+    let hooks = json!([{"name": "approve", "type": "confirm-promotion",
+                        "url": url(&gate, "/approve"), "timeout": "30s", "retries": 0}]);
+    let mut gated = Rig::start_in(root.path(), "gated", Behaviour::default(), hooks, None).await;
+    let mut plain =
+        Rig::start_in(root.path(), "plain", Behaviour::default(), json!([]), None).await;
+    gated.start_load(300);
+    plain.start_load(300);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let specs = root.path().join("specs").display().to_string();
+    let mut serve = Controller::spawn(&["serve", &specs, "--listen", &listen]);
+
+    // The plain rollout goes through every step while the gate's call hangs.
+    let done = serve
+        .wait_event("applied", RUN_LIMIT, |e| {
+            e["rollout"] == "plain.yaml" && e["weight"] == 100
+        })
+        .await;
+    assert!(done.is_some(), "{}", serve.transcript());
+    let started = of(&serve, "plain.yaml", "applied")[0].at;
+    let plain_took = done.map(|d| d.at - started).unwrap_or_default();
+    let plain_weights: Vec<u64> = of(&serve, "plain.yaml", "applied")
+        .iter()
+        .filter_map(|e| e.json["weight"].as_u64())
+        .collect();
+    assert_eq!(plain_weights, vec![20, 50, 100]);
+    let gated_weights: Vec<u64> = of(&serve, "gated.yaml", "applied")
+        .iter()
+        .filter_map(|e| e.json["weight"].as_u64())
+        .collect();
+    assert_eq!(gated_weights, vec![20], "{}", serve.transcript());
+    assert_eq!(gated.ecds_canary_weight(), 2_000);
+    assert_eq!(plain.ecds_canary_weight(), 10_000);
+    let asked = gate.requests();
+    assert_eq!(asked.len(), 1, "one call, still waiting");
+    assert!(
+        of(&serve, "gated.yaml", "webhook").is_empty(),
+        "the call has not ended\n{}",
+        serve.transcript()
+    );
+    println!(
+        "plain rollout: 20 → 100 % in {plain_took:?} while the gated one's call waited {:?}",
+        asked[0].at.elapsed()
+    );
+    assert!(plain_took <= Duration::from_secs(15), "{plain_took:?}");
+
+    // SIGTERM while the gate's call waits: serve saves and exits at once.
+    let asked_to_stop = Instant::now();
+    serve.terminate();
+    assert_eq!(
+        serve.wait(Duration::from_secs(10)).await,
+        Some(0),
+        "{}",
+        serve.transcript()
+    );
+    println!("stopped {:?} after SIGTERM", asked_to_stop.elapsed());
+    assert!(asked_to_stop.elapsed() <= Duration::from_secs(5));
+    assert!(
+        of(&serve, "gated.yaml", "stopped").len() == 1,
+        "{}",
+        serve.transcript()
+    );
 }
