@@ -256,9 +256,10 @@ pub struct Counted {
     pub exhausted: Option<String>,
 }
 
-/// One rollout's webhooks and their HTTP client.
+/// One rollout's webhooks and their HTTP client (made only when there are hooks: a
+/// process may drive a thousand rollouts without any).
 pub struct Hooks {
-    client: reqwest::Client,
+    client: Option<reqwest::Client>,
     id: Identity,
     hooks: Vec<WebhookSpec>,
     /// The last result printed per hook: an unchanged answer is not printed again.
@@ -269,7 +270,7 @@ impl Hooks {
     /// The hooks of `spec`'s rollout, named `rollout` in payloads.
     pub fn new(spec: &RolloutSpec, rollout: &str) -> Hooks {
         Hooks {
-            client: reqwest::Client::new(),
+            client: (!spec.webhooks.is_empty()).then(reqwest::Client::new),
             id: Identity::new(spec, rollout),
             hooks: spec.webhooks.clone(),
             printed: BTreeMap::new(),
@@ -283,11 +284,14 @@ impl Hooks {
 
     /// Calls every hook of `kind`, concurrently; results in the spec's order.
     async fn call(&self, kind: WebhookKind, moment: &Moment) -> Vec<(WebhookSpec, CallResult)> {
+        let Some(client) = &self.client else {
+            return Vec::new();
+        };
         let at = unix_ms();
         let calls = self.hooks.iter().filter(|h| h.kind == kind).map(|hook| {
             let body = payload(&self.id, hook, moment, at);
             async move {
-                let result = post(&self.client, &hook.url, &body, hook.timeout, hook.retries).await;
+                let result = post(client, &hook.url, &body, hook.timeout, hook.retries).await;
                 (hook.clone(), result)
             }
         });

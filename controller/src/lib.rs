@@ -6,7 +6,9 @@
 //! for three questions: what happens to one rollout is [`rollout`] (one tick at a time);
 //! how many rollouts are run is [`fleet`] (each in its own task); how Kubernetes is
 //! spoken to for `Rollout` resources is [`kubernetes`]. The spec ([`spec`]) is one set of
-//! types for spec files and the `Rollout` CRD.
+//! types for spec files and the `Rollout` CRD. A rollout's webhooks ([`hooks`]: gates
+//! and calls around the verdict's decision) and the relay of its events to `event` hooks
+//! and notification targets ([`notify`]) run in its own task too.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),

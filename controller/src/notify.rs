@@ -190,6 +190,10 @@ impl Relay {
     /// hands every event `out` prints to them; `None` (and nothing started) when there is
     /// none. `rollout` names the rollout in the bodies.
     pub fn start(spec: &RolloutSpec, rollout: &str, out: &mut Output) -> Option<Relay> {
+        let event_hooks = spec.webhooks.iter().any(|h| h.kind == WebhookKind::Event);
+        if !event_hooks && spec.notify.is_empty() {
+            return None;
+        }
         let client = reqwest::Client::new();
         let mut destinations = Vec::new();
         let mut workers = Vec::new();
