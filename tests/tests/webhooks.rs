@@ -311,6 +311,8 @@ async fn a_rollback_reaches_the_rollback_hook_and_a_slack_compatible_receiver_wi
         {"name": "page", "type": "rollback", "url": url(&hooks_receiver, "/rollback"), "timeout": "2s"},
         {"name": "done", "type": "post-rollout", "url": url(&hooks_receiver, "/done"), "timeout": "2s"},
         {"name": "all", "type": "event", "url": url(&hooks_receiver, "/events")},
+        // Nothing listens there: its failure must change nothing.
+        {"name": "broken", "type": "rollback", "url": "http://127.0.0.1:1/rollback", "retries": 1},
     ]);
     let notify = json!({
         "targets": [
@@ -366,6 +368,15 @@ async fn a_rollback_reaches_the_rollback_hook_and_a_slack_compatible_receiver_wi
     assert!(at("/rollback") + Duration::from_millis(250) >= applied_zero.at);
     assert!(at("/done") >= at("/rollback"), "post-rollout comes last");
     assert_eq!(posts(&hooks_receiver, "/done")[0]["phase"], "RolledBack");
+    let broken = run
+        .wait_event("webhook", Duration::ZERO, |e| e["hook"] == "broken")
+        .await
+        .unwrap_or_else(|| panic!("no report of the broken hook\n{}", run.transcript()));
+    assert_eq!(broken.json["ok"], false);
+    assert_eq!(broken.json["attempts"], 2);
+    assert!(broken.json["error"]
+        .as_str()
+        .is_some_and(|e| e.starts_with("unreachable: ")));
 
     // The Slack-compatible receiver: warnings and up only, the rollback with why and numbers.
     let messages = posts(&chat, "/services/T0/B0/x");
