@@ -246,16 +246,22 @@ where
             })
         }
         Some(mut record) => {
+            // Before the `pre-rollout` gate passed, the canary is still at 0 %.
+            let weight = if hooks::waits_for_pre_rollout(&record) {
+                record.applied_weight
+            } else {
+                record.state.current_weight(steps)
+            };
             out.event(
                 "resume",
                 format!(
                     "resuming {} at step {} ({} %), phase {:?}",
                     id.policy,
                     record.state.step + 1,
-                    record.state.current_weight(steps),
+                    weight,
                     record.state.phase
                 ),
-                json!({"step": record.state.step, "weight": record.state.current_weight(steps)}),
+                json!({"step": record.state.step, "weight": weight}),
             );
             // Nobody looked while no controller ran: the no-data clock restarts now.
             record.state.last_data_at = record.state.last_data_at.max(now());

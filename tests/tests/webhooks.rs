@@ -474,6 +474,14 @@ async fn a_failing_pre_rollout_hook_counts_across_a_restart_and_rolls_back_at_ma
         "{}",
         second.transcript()
     );
+    let resumed = second
+        .wait_event("resume", Duration::ZERO, |_| true)
+        .await
+        .expect("resumed");
+    assert_eq!(
+        resumed.json["weight"], 0,
+        "still waiting for the gate at 0 %"
+    );
     let counts: Vec<u64> = second
         .events()
         .iter()
