@@ -609,3 +609,49 @@ async fn a_hanging_gate_holds_only_its_own_rollout_and_a_stop_interrupts_it() {
         serve.transcript()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_rollout_hook_holds_promotion_and_rolls_back_at_max_failures() {
+    let warm = receiver("warm", 500).await;
+    let hooks = json!([{"name": "warm", "type": "rollout", "url": url(&warm, "/run"),
+                        "timeout": "1s", "retries": 0, "max_failures": 12}]);
+    let mut rig = Rig::start(Behaviour::default(), hooks, None).await;
+    rig.start_load(300);
+    let mut run = Controller::run(&rig.spec);
+    assert_eq!(run.wait(RUN_LIMIT).await, Some(3), "{}", run.transcript());
+    // A healthy canary the verdict wanted to promote: the failing hook held it.
+    let held = run
+        .wait_event("hold", Duration::ZERO, |e| e["held"] == "promote")
+        .await
+        .unwrap_or_else(|| panic!("no hold by the hook\n{}", run.transcript()));
+    assert!(
+        held.json["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("rollout hook warm answered 500 (failure ")),
+        "{}",
+        held.json
+    );
+    assert_eq!(applied_weights(&run), vec![20, 0], "never promoted");
+    let rollback = run
+        .wait_event("rollback", Duration::ZERO, |_| true)
+        .await
+        .expect("rollback");
+    assert_eq!(
+        rollback.json["reason"],
+        "rollout hook warm failed 12 intervals in a row (last: answered 500)"
+    );
+    let calls = posts(&warm, "/run");
+    assert_eq!(calls.len(), 12, "one call per interval, no retries");
+    assert!(calls
+        .iter()
+        .all(|c| c["type"] == "rollout" && c["weight"] == 20));
+    assert!(
+        calls[11]["numbers"]["canary"]["requests"]
+            .as_f64()
+            .unwrap_or(0.0)
+            > 0.0,
+        "the last verdict's numbers: {}",
+        calls[11]
+    );
+    assert_eq!(rig.ecds_canary_weight(), 0);
+}
