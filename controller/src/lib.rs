@@ -7,7 +7,9 @@
 //! how many rollouts are run is [`fleet`] (each in its own task); how Kubernetes is
 //! spoken to for `Rollout` resources is [`kubernetes`]. The spec ([`spec`]) is one set of
 //! types for spec files and the `Rollout` CRD. [`report`] turns a run's event stream into
-//! an HTML page.
+//! an HTML page. A rollout's webhooks ([`hooks`]: gates and calls around the verdict's
+//! decision) and the relay of its events to `event` hooks and notification targets
+//! ([`notify`]) run in its own task too.
 #![forbid(unsafe_code)]
 #![cfg_attr(
     not(test),
@@ -17,7 +19,9 @@
 pub mod control;
 pub mod fleet;
 pub mod gateway;
+pub mod hooks;
 pub mod kubernetes;
+pub mod notify;
 pub mod output;
 pub mod render;
 pub mod report;

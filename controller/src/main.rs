@@ -750,6 +750,7 @@ async fn render(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
         Ok(None) => meshcanary_controller::sink::Record {
             generation: 1,
             updated_unix_ms: 0,
+            hooks: Default::default(),
             ..meshcanary_controller::sink::Record::new(rollout::rollout_id(spec), rollout::now())
         },
         Err(e) => {

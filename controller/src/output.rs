@@ -17,11 +17,18 @@ pub enum Format {
 /// Something that wants to see every event (e.g. the `serve` mode's metrics).
 pub type Observer = Box<dyn FnMut(&str, &Value) + Send>;
 
+/// Something that relays every printed event elsewhere, with its message: `(kind,
+/// message, data)` (the rollout's `event` webhooks and notifications, [`crate::notify`]).
+/// It must be quick and must not block: it runs in the rollout's loop.
+pub type Tap = Box<dyn FnMut(&str, &str, &Value) + Send>;
+
 /// Where events go (standard output), with the time since the command started.
 pub struct Output {
     format: Format,
     started: Instant,
     observer: Option<Observer>,
+    /// Relays printed events (set by the driver for the time of one rollout).
+    tap: Option<Tap>,
     /// Names the rollout a line is about when one process drives many (`serve DIR`).
     label: Option<String>,
     /// False for a silent output: observers still see every event (the scale benchmark).
@@ -35,6 +42,7 @@ impl Output {
             format,
             started: Instant::now(),
             observer: None,
+            tap: None,
             label: None,
             print: true,
         }
@@ -47,6 +55,7 @@ impl Output {
             format: self.format,
             started: self.started,
             observer: None,
+            tap: None,
             label: None,
             print: self.print,
         }
@@ -63,6 +72,16 @@ impl Output {
     pub fn silent(mut self) -> Output {
         self.print = false;
         self
+    }
+
+    /// The rollout's label, if lines carry one.
+    pub fn label(&self) -> Option<&str> {
+        self.label.as_deref()
+    }
+
+    /// Relays every printed event to `tap` (`None`: no more); returns the previous one.
+    pub fn set_tap(&mut self, tap: Option<Tap>) -> Option<Tap> {
+        std::mem::replace(&mut self.tap, tap)
     }
 
     /// The format lines are printed in.
@@ -88,6 +107,9 @@ impl Output {
     /// `rollback`, `aborted`, `source`, `error`, …), a human message and its data.
     pub fn event(&mut self, kind: &str, message: String, data: Value) {
         self.notify(kind, &data);
+        if let Some(tap) = self.tap.as_mut() {
+            tap(kind, &message, &data);
+        }
         if !self.print {
             return;
         }

@@ -4,17 +4,24 @@
 //! record written with every step is what makes a restart resume at the same step, and
 //! the sink's claim is what keeps a second controller from writing.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::{json, Value};
 
 use crate::control::{self, Acknowledgement, Command, MarkKind};
+use crate::hooks::{self, Hooks, Moment};
+use crate::notify::Relay;
 use crate::output::Output;
 use crate::sink::{ConfigSink, Record, RolloutId, SinkError};
 use crate::source::{MetricSource, Query, Snapshot};
+use crate::spec::webhooks::WebhookKind;
 use crate::spec::RolloutSpec;
-use crate::verdict::{self, Counters, HoldReason, NoDataCause, Observation, Phase, Verdict};
+use crate::verdict::{
+    self, Counters, HoldReason, NoDataCause, Observation, Phase, RollbackReason, Verdict,
+};
 
 /// How a rollout ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -175,6 +182,8 @@ where
     drive(spec, source, sink, out, stop, true).await
 }
 
+/// Drives the rollout with its webhooks, relaying its events to its `event` hooks and
+/// notification targets until it ends (see [`crate::hooks`], [`crate::notify`]).
 async fn drive<S, K>(
     spec: &RolloutSpec,
     source: &S,
@@ -187,6 +196,32 @@ where
     S: MetricSource,
     K: ConfigSink,
 {
+    let name = out
+        .label()
+        .map_or_else(|| spec.policy.name.clone(), str::to_string);
+    let mut hooks = Hooks::new(spec, &name);
+    let relay = Relay::start(spec, &name, out);
+    let result = drive_hooked(spec, source, sink, out, stop, supersede, &mut hooks).await;
+    if let Some(relay) = relay {
+        relay.close(out).await;
+    }
+    result
+}
+
+async fn drive_hooked<S, K>(
+    spec: &RolloutSpec,
+    source: &S,
+    sink: &K,
+    out: &mut Output,
+    stop: impl std::future::Future<Output = ()>,
+    supersede: bool,
+    hooks: &mut Hooks,
+) -> Result<Outcome, RunError>
+where
+    S: MetricSource,
+    K: ConfigSink,
+{
+    tokio::pin!(stop);
     let _claim = sink.claim().await?;
     let id = rollout_id(spec);
     let steps = &spec.judge.steps;
@@ -226,16 +261,22 @@ where
             })
         }
         Some(mut record) => {
+            // Before the `pre-rollout` gate passed, the canary is still at 0 %.
+            let weight = if hooks::waits_for_pre_rollout(&record) {
+                record.applied_weight
+            } else {
+                record.state.current_weight(steps)
+            };
             out.event(
                 "resume",
                 format!(
                     "resuming {} at step {} ({} %), phase {:?}",
                     id.policy,
                     record.state.step + 1,
-                    record.state.current_weight(steps),
+                    weight,
                     record.state.phase
                 ),
-                json!({"step": record.state.step, "weight": record.state.current_weight(steps)}),
+                json!({"step": record.state.step, "weight": weight}),
             );
             // Nobody looked while no controller ran: the no-data clock restarts now.
             record.state.last_data_at = record.state.last_data_at.max(now());
@@ -270,22 +311,38 @@ where
             format!("already finished: {:?}", outcome),
             json!({"outcome": format!("{:?}", outcome)}),
         );
-        return Ok(outcome);
+        // Its end's hooks, if a crash (or an abort with no controller running) came
+        // between the end and them.
+        return finish(sink, out, &mut record, hooks, outcome, Value::Null).await;
     }
     // (Re)apply the current step's weight, so the file matches the record whatever
     // happened before; a fresh rollout's step clock starts once Envoy has it.
     let fresh = record.generation == 0;
+    let gated = match pre_rollout(spec, sink, out, &mut record, hooks, &mut stop).await? {
+        Gate::Passed => true,
+        Gate::NotAsked => false,
+        Gate::Ended(outcome) => return Ok(outcome),
+    };
     let weight = record.state.current_weight(steps);
     apply(spec, sink, out, &mut record, weight).await?;
-    if fresh {
+    if fresh || gated {
         record.state.restart_step_clock(now());
+        if gated {
+            // Time spent waiting for the gate is no time without data.
+            record.state.last_data_at = record.state.last_data_at.max(now());
+        }
         sink.save(&record).await?;
     }
 
     let query = query(spec);
     let mut ticker = tokio::time::interval(spec.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tokio::pin!(stop);
+    // Promotion with the step's minimum time never reached: how the engine takes in an
+    // interval whose promotion a gate held (the evidence counts, the step stays).
+    let held_back = verdict::Spec {
+        step_min_duration: Duration::MAX,
+        ..spec.judge.clone()
+    };
     let mut last_hold = String::new();
     let mut last_hold_at = Duration::ZERO;
     // The source's last error, so that a change of failure is reported (once) as well.
@@ -294,6 +351,7 @@ where
     // Set when the counters went down (a proxy restarted): until the proxies are confirmed
     // to run the current step again, nothing is promoted.
     let mut reconfirm_pending = false;
+    let mut last_numbers = Value::Null;
     loop {
         tokio::select! {
             _ = &mut stop => {
@@ -309,7 +367,8 @@ where
                 "aborted by an operator; the canary is at 0 %".to_string(),
                 json!({}),
             );
-            return Ok(Outcome::Aborted);
+            let mut ended = aborted_record(sink, &record).await;
+            return finish(sink, out, &mut ended, hooks, Outcome::Aborted, last_numbers).await;
         }
         if reconfirm_pending {
             reconfirm_pending = !reconfirm(spec, sink, out, &mut record, &mut save_failing).await;
@@ -324,6 +383,26 @@ where
             record.updated_unix_ms = unix_ms();
             save_reporting(sink, out, &record, &mut save_failing).await;
         }
+        let interval_hooks = if hooks.has(WebhookKind::Rollout) {
+            let moment = Moment {
+                numbers: last_numbers.clone(),
+                ..Moment::of(&record)
+            };
+            let called = hooks.counted(WebhookKind::Rollout, &mut record.hooks, &moment, out);
+            let Some(counted) = unless_stopped(called, &mut stop).await else {
+                sink.save(&record).await?;
+                return Err(RunError::Interrupted {
+                    step: record.state.step,
+                });
+            };
+            if let Some(why) = counted.exhausted {
+                return roll_back_for_hook(spec, sink, out, &mut record, hooks, why, last_numbers)
+                    .await;
+            }
+            counted.failing
+        } else {
+            None
+        };
         let snapshot = match source.read(&query).await {
             Ok(s) => {
                 if source_error.take().is_some() {
@@ -345,11 +424,8 @@ where
             }
         };
         let at = now();
-        let (mut next, mut verdict) = verdict::judge(
-            &spec.judge,
-            &record.state,
-            &observation(spec, at, snapshot.as_ref()),
-        );
+        let seen = observation(spec, at, snapshot.as_ref());
+        let (mut next, mut verdict) = verdict::judge(&spec.judge, &record.state, &seen);
         // An operator's promote request: read once, removed, acted on (or refused) now.
         let mut promoted_by: Option<String> = None;
         if let Some(request) = marks.promote {
@@ -389,6 +465,7 @@ where
             }
         }
         let numbers = serde_json::to_value(verdict.numbers()).unwrap_or(Value::Null);
+        last_numbers = numbers.clone();
         // Paused, or a dry run's rollback: the verdict is reported and recorded, not
         // applied; the canary keeps its weight.
         let paused = record.control.paused.clone();
@@ -465,6 +542,54 @@ where
             record.updated_unix_ms = unix_ms();
             save_reporting(sink, out, &record, &mut save_failing).await;
             continue;
+        }
+        // Gates are asked only for a promotion that would be applied (a proxy that
+        // restarted and is not confirmed yet holds it anyway).
+        let gated = promotion(&verdict, steps).filter(|_| !reconfirm_pending);
+        if let Some((held, to_weight)) = gated {
+            let why = match interval_hooks {
+                Some(failing) => Some(failing),
+                None if hooks.has(WebhookKind::ConfirmPromotion) => {
+                    let moment = Moment {
+                        next_weight: Some(to_weight),
+                        verdict: Some(held.to_string()),
+                        reason: verdict.reason_text(),
+                        numbers: numbers.clone(),
+                        ..Moment::of(&record)
+                    };
+                    let asked = hooks.confirm(&moment, out);
+                    let Some(answer) = unless_stopped(asked, &mut stop).await else {
+                        sink.save(&record).await?;
+                        return Err(RunError::Interrupted {
+                            step: record.state.step,
+                        });
+                    };
+                    answer.err()
+                }
+                None => None,
+            };
+            if let Some(why) = why {
+                // Held: this interval's evidence is taken in as for any hold; the step stays.
+                let (state, _) = verdict::judge(&held_back, &record.state, &seen);
+                record.state = state;
+                record.state.reason = why.clone();
+                record.hooks.held_by = Some(why.clone());
+                if why != last_hold || at.saturating_sub(last_hold_at) >= Duration::from_secs(10) {
+                    out.event(
+                        "hold",
+                        format!("HOLD: {} — {}", why, verdict),
+                        json!({"verdict": "hold", "reason": why, "held": held, "to_weight": to_weight, "numbers": numbers}),
+                    );
+                    last_hold = why;
+                    last_hold_at = at;
+                } else {
+                    out.notify("hold", &json!({"verdict": "hold"}));
+                }
+                record.updated_unix_ms = unix_ms();
+                save_reporting(sink, out, &record, &mut save_failing).await;
+                continue;
+            }
+            record.hooks.held_by = None;
         }
         match &verdict {
             Verdict::Hold { .. } => {
@@ -566,13 +691,14 @@ where
                 );
                 record.state = next;
                 apply_until_done(spec, sink, out, &mut record, 100).await;
-                return Ok(Outcome::Promoted);
+                return finish(sink, out, &mut record, hooks, Outcome::Promoted, numbers).await;
             }
             Verdict::Rollback { reason, .. } => {
                 out.event("rollback", verdict.to_string(), json!({"verdict": "rollback", "reason": reason.to_string(), "numbers": numbers}));
                 record.state = next;
                 apply_until_done(spec, sink, out, &mut record, 0).await;
-                return Ok(Outcome::RolledBack(reason.to_string()));
+                let outcome = Outcome::RolledBack(reason.to_string());
+                return finish(sink, out, &mut record, hooks, outcome, numbers).await;
             }
         }
     }
@@ -727,6 +853,194 @@ fn report_command(out: &mut Output, ack: &Acknowledgement, weight: u32) {
             "step": ack.step,
         }),
     );
+}
+
+/// Whether a verdict promotes (`promote`, or `complete`), and to which weight.
+fn promotion(verdict: &Verdict, steps: &[u32]) -> Option<(&'static str, u32)> {
+    match verdict {
+        Verdict::Promote { to_step, .. } => {
+            Some(("promote", steps.get(*to_step).copied().unwrap_or(100)))
+        }
+        Verdict::Complete { .. } => Some(("complete", 100)),
+        _ => None,
+    }
+}
+
+/// Runs `work` unless a stop comes first (`None`).
+async fn unless_stopped<T, F>(work: impl Future<Output = T>, stop: &mut Pin<&mut F>) -> Option<T>
+where
+    F: Future<Output = ()>,
+{
+    tokio::select! {
+        _ = stop.as_mut() => None,
+        done = work => Some(done),
+    }
+}
+
+/// What the `pre-rollout` gate decided.
+enum Gate {
+    /// No `pre-rollout` hook, or it passed before (the first weight was applied).
+    NotAsked,
+    /// Every `pre-rollout` hook answered 2xx now: the first weight may be applied.
+    Passed,
+    /// The rollout ended while waiting (rolled back by the hooks, or aborted).
+    Ended(Outcome),
+}
+
+/// The `pre-rollout` gate: the policy is written with the canary at 0 % (so the record,
+/// and with it the hooks' failure counts, has somewhere to live), then the hooks are
+/// called at every interval until each answers 2xx in the same interval; `max_failures`
+/// failed intervals in a row roll back, an abort ends it.
+async fn pre_rollout<K, F>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    hooks: &mut Hooks,
+    stop: &mut Pin<&mut F>,
+) -> Result<Gate, RunError>
+where
+    K: ConfigSink,
+    F: Future<Output = ()>,
+{
+    if !hooks.has(WebhookKind::PreRollout) || !hooks::waits_for_pre_rollout(record) {
+        return Ok(Gate::NotAsked);
+    }
+    if record.generation == 0 {
+        apply(spec, sink, out, record, 0).await?;
+    }
+    let mut ticker = tokio::time::interval(spec.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_hold = (String::new(), Duration::ZERO);
+    loop {
+        if unless_stopped(ticker.tick(), stop).await.is_none() {
+            sink.save(record).await?;
+            return Err(RunError::Interrupted {
+                step: record.state.step,
+            });
+        }
+        if sink.abort_marked().await? {
+            out.event(
+                "aborted",
+                "aborted by an operator before the first weight; the canary is at 0 %".to_string(),
+                json!({}),
+            );
+            let mut ended = aborted_record(sink, record).await;
+            let outcome = finish(sink, out, &mut ended, hooks, Outcome::Aborted, Value::Null);
+            return outcome.await.map(Gate::Ended);
+        }
+        let moment = Moment::of(record);
+        let called = hooks.counted(WebhookKind::PreRollout, &mut record.hooks, &moment, out);
+        let Some(counted) = unless_stopped(called, stop).await else {
+            sink.save(record).await?;
+            return Err(RunError::Interrupted {
+                step: record.state.step,
+            });
+        };
+        if let Some(why) = counted.exhausted {
+            return roll_back_for_hook(spec, sink, out, record, hooks, why, Value::Null)
+                .await
+                .map(Gate::Ended);
+        }
+        if counted.passed {
+            record.hooks.pre_rollout_passed = true;
+            record.hooks.held_by = None;
+            sink.save(record).await?;
+            return Ok(Gate::Passed);
+        }
+        let why = counted.failing.unwrap_or_default();
+        let at = now();
+        if why != last_hold.0 || at.saturating_sub(last_hold.1) >= Duration::from_secs(10) {
+            out.event(
+                "hold",
+                format!("HOLD: {} — the first weight ({} %) waits", why, spec.judge.steps.first().copied().unwrap_or(0)),
+                json!({"verdict": "hold", "reason": why, "held": "start", "to_weight": spec.judge.steps.first()}),
+            );
+            last_hold = (why.clone(), at);
+        }
+        record.state.reason = why.clone();
+        record.hooks.held_by = Some(why);
+        record.updated_unix_ms = unix_ms();
+        sink.save(record).await?;
+    }
+}
+
+/// A `pre-rollout` or `rollout` hook failed `max_failures` intervals in a row: the
+/// canary goes to 0 % like any rollback.
+async fn roll_back_for_hook<K: ConfigSink>(
+    spec: &RolloutSpec,
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    hooks: &mut Hooks,
+    why: String,
+    numbers: Value,
+) -> Result<Outcome, RunError> {
+    out.event(
+        "rollback",
+        format!("ROLLBACK: {} | at {} %", why, record.applied_weight),
+        json!({"verdict": "rollback", "reason": why, "hook": true, "numbers": numbers}),
+    );
+    record.state.phase = Phase::RolledBack {
+        reason: RollbackReason::Webhook,
+    };
+    record.state.reason = why.clone();
+    apply_until_done(spec, sink, out, record, 0).await;
+    finish(sink, out, record, hooks, Outcome::RolledBack(why), numbers).await
+}
+
+/// The record an operator's abort left (it applied 0 % with a newer generation than
+/// this driver's), with this driver's hook state; this driver's own, aborted, if it
+/// cannot be read.
+async fn aborted_record<K: ConfigSink>(sink: &K, record: &Record) -> Record {
+    match sink.load().await {
+        Ok(Some(mut saved)) if saved.rollout == record.rollout => {
+            saved.hooks = record.hooks.clone();
+            saved
+        }
+        _ => {
+            let mut own = record.clone();
+            own.state.abort();
+            own
+        }
+    }
+}
+
+/// The rollout ended: its `rollback` (after a rollback or abort) and `post-rollout`
+/// hooks are called once, and that they were is saved; the outcome stands whatever they
+/// or the save say.
+async fn finish<K: ConfigSink>(
+    sink: &K,
+    out: &mut Output,
+    record: &mut Record,
+    hooks: &mut Hooks,
+    outcome: Outcome,
+    numbers: Value,
+) -> Result<Outcome, RunError> {
+    if !hooks.has_end_hooks() || record.hooks.end_called {
+        return Ok(outcome);
+    }
+    let moment = Moment {
+        verdict: Some(
+            match outcome {
+                Outcome::Promoted => "complete",
+                Outcome::RolledBack(_) => "rollback",
+                Outcome::Aborted => "aborted",
+            }
+            .to_string(),
+        ),
+        numbers,
+        ..Moment::of(record)
+    };
+    hooks.at_end(&mut record.hooks, &moment, out).await;
+    if let Err(e) = sink.save(record).await {
+        out.event(
+            "error",
+            format!("the end's hooks were called; saving that failed: {}", e),
+            json!({"error": e.to_string()}),
+        );
+    }
+    Ok(outcome)
 }
 
 /// The outcome of a finished record.

@@ -26,6 +26,7 @@ use crate::verdict::{self, Analysis, OnNoData};
 
 pub mod document;
 pub mod schema_check;
+pub mod webhooks;
 
 use document::{
     AnalysisDocument, ContextDocument, EcdsFileDocument, FailurePolicyDocument, KubernetesDocument,
@@ -67,6 +68,10 @@ pub struct RolloutSpec {
     pub source: SourceSpec,
     /// Where the policy is written.
     pub sink: SinkSpec,
+    /// The webhooks, in the spec's order (see [`crate::hooks`]).
+    pub webhooks: Vec<webhooks::WebhookSpec>,
+    /// The notification targets, in the spec's order (see [`crate::notify`]).
+    pub notify: Vec<webhooks::NotifyTarget>,
 }
 
 /// Where metrics are read.
@@ -482,6 +487,8 @@ impl Checker<'_, '_> {
             Some(s) => self.source(s),
         };
         let sink = self.sink(d.sink.as_ref(), source.as_ref());
+        let hooks = self.webhooks(d.webhooks.as_ref());
+        let notify = self.notify(d.notify.as_ref());
         // Ranges and cross-field rules belong to the verdict's own spec; run them on what
         // could be read (defaults standing in for unreadable fields, whose problems were
         // already reported) so that every problem shows at once.
@@ -518,6 +525,8 @@ impl Checker<'_, '_> {
             dry_run: d.analysis.as_ref().and_then(|a| a.dry_run).unwrap_or(false),
             source: source?,
             sink: sink?,
+            webhooks: hooks?,
+            notify: notify?,
         })
     }
 

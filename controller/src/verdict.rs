@@ -646,6 +646,9 @@ pub enum RollbackReason {
     },
     /// An operator aborted the rollout.
     Aborted,
+    /// A `pre-rollout` or `rollout` webhook failed `max_failures` intervals in a row (set
+    /// by the driver, never by [`judge`]; see `crate::hooks`).
+    Webhook,
 }
 
 impl fmt::Display for RollbackReason {
@@ -658,6 +661,9 @@ impl fmt::Display for RollbackReason {
                 write!(f, "no data for no_data_timeout (last: {cause})")
             }
             RollbackReason::Aborted => f.write_str("aborted by operator"),
+            RollbackReason::Webhook => {
+                f.write_str("a webhook failed max_failures intervals in a row")
+            }
         }
     }
 }

@@ -98,6 +98,7 @@ async fn exercise(spec: &KubernetesSpec) -> Result<(), String> {
         state,
         updated_unix_ms: 1_785_000_000_000,
         control: Default::default(),
+        hooks: Default::default(),
     };
     let policy = json!({
         "name": "checkout", "variants": ["stable", "canary"],

@@ -470,6 +470,7 @@ fn record() -> Record {
         state,
         updated_unix_ms: 1_785_000_070_000,
         control: Default::default(),
+        hooks: Default::default(),
     }
 }
 

@@ -111,6 +111,7 @@ fn the_manifest_is_what_the_first_apply_writes_minus_the_record() {
         state: State::start(Duration::from_secs(1_785_000_000)),
         updated_unix_ms: 1_785_000_000_000,
         control: Default::default(),
+        hooks: Default::default(),
     };
     let applied = Kubernetes::new(k.clone(), spec.judge.steps.clone())
         .envoy_filter(&policy_at(&spec, 5).expect("policy"), &first)

@@ -133,6 +133,7 @@ pub fn rollback_reason(reason: &RollbackReason) -> &'static str {
         RollbackReason::SlowRegression => "LatencyRegressed",
         RollbackReason::NoData { .. } => "NoData",
         RollbackReason::Aborted => "Aborted",
+        RollbackReason::Webhook => "WebhookFailed",
     }
 }
 

@@ -31,6 +31,10 @@ pub struct Record {
     /// rollbacks not applied; left out while empty.
     #[serde(default, skip_serializing_if = "Control::is_empty")]
     pub control: Control,
+    /// What the webhooks said so far (gates passed, failures in a row), so that a restart
+    /// neither forgets a failing hook nor asks a passed gate again. Left out while empty.
+    #[serde(default, skip_serializing_if = "crate::hooks::HookState::is_empty")]
+    pub hooks: crate::hooks::HookState,
 }
 
 impl Record {
@@ -44,6 +48,7 @@ impl Record {
             state: verdict::State::start(now),
             updated_unix_ms: u64::try_from(now.as_millis()).unwrap_or(u64::MAX),
             control: Control::default(),
+            hooks: crate::hooks::HookState::default(),
         }
     }
 }

@@ -86,6 +86,139 @@ pub struct RolloutDocument {
     /// in a file; a Rollout always writes an EnvoyFilter (`kubernetes`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sink: Option<SinkDocument>,
+    /// HTTP hooks called during the rollout: gates before the first weight and before
+    /// every promotion, calls at every interval, and calls after a rollback and at the end
+    /// (see the README's "Webhooks").
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub webhooks: Option<Vec<WebhookDocument>>,
+    /// Notifications of step changes, verdicts and outcomes to JSON webhooks and
+    /// Slack-compatible incoming webhooks.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyDocument>,
+}
+
+/// One webhook: an HTTP POST with a JSON body at one moment of the rollout.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct WebhookDocument {
+    /// Names the hook in progress lines, events and payloads; unique in the spec.
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// When it is called, and what its answer does.
+    #[schemars(required)]
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<WebhookTypeDocument>,
+    /// Where the POST goes: an `http://` URL.
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// How long one attempt may take (`500ms`, `10s`; at most `60s`). Default `10s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration")]
+    pub timeout: Option<Value>,
+    /// Extra attempts after a failed one (no answer, a timeout, 5xx or 429; never after a
+    /// refusal such as 403), 0 to 5. Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+    /// `pre-rollout` and `rollout` hooks only: intervals failed in a row (one count per
+    /// interval, however often it was retried) before the rollout is rolled back. Default 10.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_failures: Option<u32>,
+    /// Passed as is in the payload's `metadata`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metadata: Option<BTreeMap<String, String>>,
+}
+
+/// When a webhook is called.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum WebhookTypeDocument {
+    /// Before the first weight is applied; the rollout waits until it answers 2xx.
+    PreRollout,
+    /// Before every promotion (and the completion); no 2xx, no promotion.
+    ConfirmPromotion,
+    /// At every interval while progressing; a failure holds promotion.
+    Rollout,
+    /// After a rollback or abort is applied; its answer changes nothing.
+    Rollback,
+    /// After the rollout ends, either way; its answer changes nothing.
+    PostRollout,
+    /// Every event, fire-and-forget.
+    Event,
+}
+
+/// Where notifications go, and from which severity on.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NotifyDocument {
+    /// The least severity sent to a target without its own: `info`, `warning` or
+    /// `error`. Default `info`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<SeverityDocument>,
+    /// The receivers (at least one).
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub targets: Option<Vec<NotifyTargetDocument>>,
+}
+
+/// One notification receiver.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+pub struct NotifyTargetDocument {
+    /// Names the target in logs; unique among the targets.
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The payload: `json` (meshcanary's notification object) or `slack` (a
+    /// Slack-compatible incoming-webhook message).
+    #[schemars(required)]
+    #[serde(rename = "type", skip_serializing_if = "Option::is_none")]
+    pub kind: Option<NotifyTypeDocument>,
+    /// Where the POST goes: an `http://` URL.
+    #[schemars(required)]
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// The least severity sent here. Default `notify.severity`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub severity: Option<SeverityDocument>,
+    /// `slack` only: the message's `channel` (for receivers that honour it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub channel: Option<String>,
+    /// `slack` only: the message's `username`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// How long one attempt may take (at most `60s`). Default `5s`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(schema_with = "duration")]
+    pub timeout: Option<Value>,
+    /// Extra attempts after a failed one (no answer, a timeout, 5xx or 429), 0 to 5.
+    /// Default 2.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retries: Option<u32>,
+}
+
+/// A notification payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum NotifyTypeDocument {
+    /// meshcanary's notification object.
+    Json,
+    /// A Slack-compatible incoming-webhook message (`text`, `channel`, `username`).
+    Slack,
+}
+
+/// How much a notification matters.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum SeverityDocument {
+    /// Step changes, the start, a completion.
+    Info,
+    /// A gate or failing hook holding the rollout, unreadable metrics, a write retried.
+    Warning,
+    /// A rollback or an abort.
+    Error,
 }
 
 /// Where a Rollout's base policy is read from.
