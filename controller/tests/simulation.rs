@@ -17,6 +17,13 @@
 //!
 //! Run with `cargo test -p meshcanary --test simulation -- --nocapture` to see the figures.
 //! `MESHCANARY_SIM_RUNS=N` changes the number of runs per class (default 1000).
+//!
+//! `peer_table` runs meshcanary's engine (with its spec's default 10 s interval and 60 s
+//! step minimum) beside our renderings of Flagger, Argo Rollouts and Kayenta's NetflixACAJudge
+//! (`peers/`, each with its own tool's schedule) on the same worlds and the same random
+//! streams: healthy canaries (drift, low traffic, counter resets, outages, and a quiet
+//! baseline), 2×/5×/10× error and 3×/10× latency regressions, and broken canaries. It prints
+//! one table; `MESHCANARY_PEER_RUNS=N` runs per scenario (default 20; `make simulate-peers`).
 
 use meshcanary_controller::verdict::{
     judge, Analysis, Counters, Observation, RollbackReason, Spec, State, Verdict,
@@ -613,7 +620,7 @@ impl Judge for Meshcanary {
     }
 
     fn tick(&mut self, t: u64, h: &History) -> Decision {
-        if t % self.interval != 0 {
+        if !t.is_multiple_of(self.interval) {
             return Decision::Continue;
         }
         // Counters since the last restart (at second r they hold only second r's counts).
@@ -706,7 +713,7 @@ fn make_judge(name: &str, world: &World, seed: u64) -> Box<dyn Judge> {
         "Kayenta" => {
             // Kayenta's own noise for constant samples: a stream of its own, so that it does
             // not shift the traffic's.
-            let mut rng = Rng::seeded(seed ^ 0x6B61_7965_6E74_61);
+            let mut rng = Rng::seeded(seed ^ 0x006B_6179_656E_7461);
             Box::new(peers::kayenta::Kayenta::new(
                 Default::default(),
                 Box::new(move || rng.normal()),
@@ -899,9 +906,11 @@ fn peer_table() {
     let started = Instant::now();
     let n = peer_runs();
     let scenarios = scenarios();
-    // cells[scenario][judge]
+    // cells[scenario][judge], and each scenario's worlds
     let mut cells: Vec<Vec<Cell>> = Vec::new();
+    let mut worlds: Vec<Vec<World>> = Vec::new();
     for sc in &scenarios {
+        let mut these = Vec::new();
         let mut row: Vec<Cell> = JUDGES
             .iter()
             .map(|_| Cell {
@@ -920,8 +929,10 @@ fn peer_table() {
                     .outcomes
                     .push(drive(&world, judge.as_mut(), &mut stream));
             }
+            these.push(world);
         }
         cells.push(row);
+        worlds.push(these);
     }
 
     println!(
@@ -1003,6 +1014,29 @@ fn peer_table() {
         );
         summary.push((false_rb, runs, missed));
     }
+    // Of the 2× error regressions promoted, how many kept the canary's true error rate under
+    // 1 % (meshcanary's max_error_rate, Flagger's and Argo's 99 %) until the promotion.
+    let twofold = find("errors x2");
+    print!("\nerrors x2 promoted while the canary's true error rate stayed under 1 %:");
+    for (j, name) in JUDGES.iter().enumerate() {
+        let (mut under, mut all) = (0, 0);
+        for (w, o) in worlds[twofold].iter().zip(&cells[twofold][j].outcomes) {
+            if let PeerOutcome::Promoted { at } = o {
+                all += 1;
+                let peak = (1..=*at)
+                    .map(|t| {
+                        let p_b = w.base_error * w.error_drift.at(t as f64 - 0.5);
+                        w.canary_error.of(p_b.min(1.0))
+                    })
+                    .fold(0.0, f64::max);
+                if peak < 0.01 {
+                    under += 1;
+                }
+            }
+        }
+        print!(" {name} {under} of {all};");
+    }
+    println!();
     println!(
         "\nmissed = promoted although regressed; a run neither rolled back nor promoted within \
          {PEER_HORIZON} s is undecided (detail table). {} rollouts simulated in {:.1} s",

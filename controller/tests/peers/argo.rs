@@ -159,7 +159,7 @@ impl Judge for Argo {
     }
 
     fn tick(&mut self, t: u64, h: &History) -> Decision {
-        if t % self.cfg.interval == 0 {
+        if t.is_multiple_of(self.cfg.interval) {
             let (success, latency) = self.measure(t, h);
             self.success_rate.record(success);
             self.latency.record(latency);

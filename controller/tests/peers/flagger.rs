@@ -110,7 +110,7 @@ impl Judge for Flagger {
     }
 
     fn tick(&mut self, t: u64, h: &History) -> Decision {
-        if t % self.cfg.interval != 0 {
+        if !t.is_multiple_of(self.cfg.interval) {
             return Decision::Continue;
         }
         if self.failed_checks >= self.cfg.threshold {
