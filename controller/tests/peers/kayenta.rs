@@ -129,7 +129,8 @@ fn bisect(mut lo: f64, mut hi: f64, f: impl Fn(f64) -> Option<f64>) -> Option<f6
 }
 
 /// Mann-Whitney U: the shift of `x` (experiment) over `y` (control) with its two-sided
-/// `confidence` interval, as Kayenta computes it. `None` when Kayenta would throw.
+/// confidence interval, as Kayenta computes it; `z` is the normal quantile of the confidence
+/// level ([`Z_98`] for Kayenta's 0.98). `None` when Kayenta would throw.
 pub fn mann_whitney(x: &[f64], y: &[f64], z: f64) -> Option<MannWhitney> {
     let fold = |acc: (f64, f64), v: &f64| (acc.0.min(*v), acc.1.max(*v));
     let (x_min, x_max) = x.iter().fold((f64::INFINITY, f64::NEG_INFINITY), fold);
