@@ -31,6 +31,10 @@
 #   make fuzz      every libFuzzer target of fuzz/ for FUZZ_SECONDS each (default 600),
 #                  then a table of executions, exec/s and coverage (scripts/fuzz.sh)
 #   make fuzz-smoke  the same, FUZZ_SMOKE_SECONDS each (default 10; in make test)
+#   make simulate-peers  the verdict simulation's peer table: meshcanary, Flagger, Argo
+#                  Rollouts and Kayenta's judge on the same simulated rollouts, SIM_RUNS per
+#                  scenario (default 20, ~15 s; in make test); the README's table is
+#                  SIM_RUNS=1000 SIM_CARGO_FLAGS=--release (33 s after the release build)
 #   make wasm      build target/wasm/meshcanary_filter.wasm
 #   make wasm-test-trap  build the filter with its test-trap feature (for tests only)
 #   make oci       the module as an OCI image layout in target/oci/ (no container engine,
@@ -68,12 +72,12 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke
+.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
 
 help:
 	@sed -n 's/^#   //p' Makefile
 
-test: toolchain venv fmt-check lint unit wasm e2e bench-smoke bench-controller-smoke soak-smoke fuzz-smoke
+test: toolchain venv fmt-check lint unit wasm e2e simulate-peers bench-smoke bench-controller-smoke soak-smoke fuzz-smoke
 	@echo "make test: all checks passed"
 
 ## --- setup -----------------------------------------------------------------
@@ -195,6 +199,18 @@ crd:
 
 clean:
 	rm -rf target filter/target fuzz/target
+
+## --- verdict simulation: the peer table -----------------------------------------
+
+# controller/tests/simulation.rs `peer_table`, with the peer judges of controller/tests/peers/:
+# one table of false rollbacks, missed regressions, detection and promotion times. A small
+# run in make test (the debug build the controller's tests already made); the README's
+# numbers come from `make simulate-peers SIM_RUNS=1000 SIM_CARGO_FLAGS=--release`.
+SIM_RUNS        ?= 20
+SIM_CARGO_FLAGS ?=
+
+simulate-peers:
+	MESHCANARY_PEER_RUNS=$(SIM_RUNS) $(CARGO) test $(SIM_CARGO_FLAGS) --locked -p meshcanary --test simulation peer_table -- --nocapture
 
 ## --- the controller at scale ------------------------------------------------
 

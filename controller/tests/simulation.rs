@@ -17,6 +17,13 @@
 //!
 //! Run with `cargo test -p meshcanary --test simulation -- --nocapture` to see the figures.
 //! `MESHCANARY_SIM_RUNS=N` changes the number of runs per class (default 1000).
+//!
+//! `peer_table` runs meshcanary's engine (with its spec's default 10 s interval and 60 s
+//! step minimum) beside our renderings of Flagger, Argo Rollouts and Kayenta's NetflixACAJudge
+//! (`peers/`, each with its own tool's schedule) on the same worlds and the same random
+//! streams: healthy canaries (drift, low traffic, counter resets, outages, and a quiet
+//! baseline), 2×/5×/10× error and 3×/10× latency regressions, and broken canaries. It prints
+//! one table; `MESHCANARY_PEER_RUNS=N` runs per scenario (default 20; `make simulate-peers`).
 
 use meshcanary_controller::verdict::{
     judge, Analysis, Counters, Observation, RollbackReason, Spec, State, Verdict,
@@ -24,6 +31,8 @@ use meshcanary_controller::verdict::{
 use std::time::{Duration, Instant};
 
 /// xoshiro256** seeded through splitmix64: small, fast, and good enough for simulation.
+/// Cloned to give every judge of the peer table the same random stream.
+#[derive(Clone)]
 struct Rng {
     s: [u64; 4],
     spare_normal: Option<f64>,
@@ -224,6 +233,30 @@ fn spec() -> Spec {
     }
 }
 
+/// One second of traffic at canary weight `weight` (0–1): the canary's and the baseline's
+/// requests, 5xx and slow requests, and the canary's true error rate in that second.
+fn draw_second(world: &World, t: u64, weight: f64, rng: &mut Rng) -> (Counters, Counters, f64) {
+    let mid = t as f64 - 0.5;
+    let rps = world.rps * world.traffic.at(mid);
+    let p_b = (world.base_error * world.error_drift.at(mid)).min(1.0);
+    let q_b = (world.base_slow * world.slow_drift.at(mid)).min(1.0);
+    let p_c = world.canary_error.of(p_b);
+    let q_c = world.canary_slow.of(q_b);
+    let n_c = rng.poisson(rps * weight);
+    let n_b = rng.poisson(rps * (1.0 - weight));
+    let canary = Counters {
+        requests: n_c,
+        errors: rng.binomial(n_c, p_c),
+        slow: rng.binomial(n_c, q_c),
+    };
+    let baseline = Counters {
+        requests: n_b,
+        errors: rng.binomial(n_b, p_b),
+        slow: rng.binomial(n_b, q_b),
+    };
+    (canary, baseline, p_c)
+}
+
 fn simulate(spec: &Spec, world: &World, rng: &mut Rng) -> Outcome {
     let zero = Counters::new(0, 0, 0);
     let (mut canary, mut baseline) = (zero, zero);
@@ -243,25 +276,9 @@ fn simulate(spec: &Spec, world: &World, rng: &mut Rng) -> Outcome {
     let mut max_canary_error: f64 = 0.0;
     for t in 1..=HORIZON {
         let weight = f64::from(state.current_weight(&spec.steps)) / 100.0;
-        let mid = t as f64 - 0.5;
-        let rps = world.rps * world.traffic.at(mid);
-        let p_b = (world.base_error * world.error_drift.at(mid)).min(1.0);
-        let q_b = (world.base_slow * world.slow_drift.at(mid)).min(1.0);
-        let p_c = world.canary_error.of(p_b);
+        let (interval_c, interval_b, p_c) = draw_second(world, t, weight, rng);
         max_canary_error = max_canary_error.max(p_c);
-        let q_c = world.canary_slow.of(q_b);
-        let n_c = rng.poisson(rps * weight);
-        let n_b = rng.poisson(rps * (1.0 - weight));
-        let interval_c = Counters {
-            requests: n_c,
-            errors: rng.binomial(n_c, p_c),
-            slow: rng.binomial(n_c, q_c),
-        };
-        let interval_b = Counters {
-            requests: n_b,
-            errors: rng.binomial(n_b, p_b),
-            slow: rng.binomial(n_b, q_b),
-        };
+        let n_c = interval_c.requests;
         if n_c > 0.0 && first_request.is_none() {
             // The first request came somewhere in (t − 1, t]: count from t − 1, the worst case.
             first_request = Some(t - 1);
@@ -559,4 +576,522 @@ fn simulated_rollouts() {
         "max {:?}",
         broken_times.iter().max()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// The peer table: meshcanary's engine beside Flagger, Argo Rollouts and Kayenta's judge
+// (controller/tests/peers/), each with its own tool's schedule, on the same worlds and the same
+// random streams.
+// ---------------------------------------------------------------------------------------------
+
+mod peers;
+
+use meshcanary_controller::verdict::Tally;
+use peers::{Decision, History, Judge};
+
+/// meshcanary's engine with the spec's documented defaults (`interval: 10s`,
+/// `step_min_duration: 60s`, the default `analysis`) and the README's steps, reading
+/// cumulative counters as the Envoy admin source does (a restart resets them).
+struct Meshcanary {
+    spec: Spec,
+    interval: u64,
+    state: State,
+    reset_at: Option<u64>,
+}
+
+impl Meshcanary {
+    fn new(reset_at: Option<u64>) -> Self {
+        Meshcanary {
+            spec: Spec {
+                steps: vec![5, 25, 50, 100],
+                step_min_duration: Duration::from_secs(60),
+                analysis: Analysis::default(),
+            },
+            interval: 10,
+            state: State::start(Duration::ZERO),
+            reset_at,
+        }
+    }
+}
+
+impl Judge for Meshcanary {
+    fn weight(&self) -> u32 {
+        self.state.current_weight(&self.spec.steps)
+    }
+
+    fn tick(&mut self, t: u64, h: &History) -> Decision {
+        if !t.is_multiple_of(self.interval) {
+            return Decision::Continue;
+        }
+        // Counters since the last restart (at second r they hold only second r's counts).
+        let since = match self.reset_at {
+            Some(r) if r <= t => r - 1,
+            _ => 0,
+        };
+        let counters = |x: Tally| Counters {
+            requests: x.requests,
+            errors: x.errors,
+            slow: x.slow,
+        };
+        let readable = h.readable(t);
+        let obs = Observation {
+            now: Duration::from_secs(t),
+            canary: readable.then(|| counters(h.canary(since, t))),
+            baseline: readable.then(|| counters(h.baseline(since, t))),
+        };
+        let (next, verdict) = judge(&self.spec, &self.state, &obs);
+        self.state = next;
+        match verdict {
+            Verdict::Rollback { reason, .. } => Decision::Rollback(match reason {
+                RollbackReason::HardGuard => "hard guard",
+                RollbackReason::ErrorRegression => "error regression",
+                RollbackReason::SlowRegression => "latency regression",
+                RollbackReason::NoData { .. } => "no data",
+                RollbackReason::Aborted => "aborted",
+            }),
+            Verdict::Complete { .. } => Decision::Promote,
+            Verdict::Hold { .. } | Verdict::Promote { .. } => Decision::Continue,
+        }
+    }
+}
+
+/// How long a peer-table rollout may run: past Kayenta's 90 minutes of healthy steps.
+const PEER_HORIZON: u64 = 7200;
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum PeerOutcome {
+    RolledBack {
+        after_first_request: u64,
+        reason: &'static str,
+    },
+    Promoted {
+        at: u64,
+    },
+    Undecided,
+}
+
+/// Drives one judge through one world, second by second, with its own weights.
+fn drive(world: &World, judge: &mut dyn Judge, rng: &mut Rng) -> PeerOutcome {
+    let mut h = History::default();
+    let decided = |d: Decision, t: u64, h: &History| match d {
+        Decision::Continue => None,
+        Decision::Rollback(reason) => Some(PeerOutcome::RolledBack {
+            // The first request came somewhere in (first − 1, first]: count from first − 1.
+            after_first_request: h.first_canary_request().map_or(0, |first| t + 1 - first),
+            reason,
+        }),
+        Decision::Promote => Some(PeerOutcome::Promoted { at: t }),
+    };
+    if let Some(o) = decided(judge.tick(0, &h), 0, &h) {
+        return o;
+    }
+    for t in 1..=PEER_HORIZON {
+        let weight = f64::from(judge.weight()) / 100.0;
+        let (c, b, _) = draw_second(world, t, weight, rng);
+        let readable = world
+            .outage
+            .is_none_or(|(start, len)| t < start || t >= start + len);
+        let tally = |x: Counters| Tally {
+            requests: x.requests,
+            errors: x.errors,
+            slow: x.slow,
+        };
+        h.push(tally(c), tally(b), readable);
+        if let Some(o) = decided(judge.tick(t, &h), t, &h) {
+            return o;
+        }
+    }
+    PeerOutcome::Undecided
+}
+
+const JUDGES: [&str; 4] = ["meshcanary", "Flagger", "Argo Rollouts", "Kayenta"];
+
+fn make_judge(name: &str, world: &World, seed: u64) -> Box<dyn Judge> {
+    match name {
+        "Flagger" => Box::new(peers::flagger::Flagger::new(Default::default())),
+        "Argo Rollouts" => Box::new(peers::argo::Argo::new(Default::default())),
+        "Kayenta" => {
+            // Kayenta's own noise for constant samples: a stream of its own, so that it does
+            // not shift the traffic's.
+            let mut rng = Rng::seeded(seed ^ 0x006B_6179_656E_7461);
+            Box::new(peers::kayenta::Kayenta::new(
+                Default::default(),
+                Box::new(move || rng.normal()),
+            ))
+        }
+        _ => Box::new(Meshcanary::new(world.reset_at)),
+    }
+}
+
+/// One scenario: a name, whether its canary is healthy, and its worlds.
+struct Scenario {
+    name: &'static str,
+    healthy: bool,
+    seed: u64,
+    make: fn(&mut Rng) -> World,
+}
+
+fn regressed(rng: &mut Rng, errors: f64, slow: f64) -> World {
+    World {
+        canary_error: CanaryRate::Factor(errors),
+        canary_slow: CanaryRate::Factor(slow),
+        reset_at: None,
+        outage: None,
+        ..healthy_world(rng)
+    }
+}
+
+fn scenarios() -> Vec<Scenario> {
+    vec![
+        Scenario {
+            name: "healthy: 50-1000 rps, drift, resets, outages",
+            healthy: true,
+            seed: 11,
+            make: healthy_world,
+        },
+        Scenario {
+            name: "healthy: 10-200 rps (1-20 canary rps at 10 %)",
+            healthy: true,
+            seed: 12,
+            make: |rng| World {
+                rps: rng.log_uniform(10.0, 200.0),
+                ..healthy_world(rng)
+            },
+        },
+        Scenario {
+            name: "healthy: quiet baseline (0.05-0.3 %, drift <= 1.5x)",
+            healthy: true,
+            seed: 13,
+            make: |rng| World {
+                rps: rng.log_uniform(50.0, 1000.0),
+                traffic: Drift::random(rng, 1.3),
+                base_error: rng.log_uniform(0.0005, 0.003),
+                error_drift: Drift::random(rng, 1.5),
+                base_slow: rng.log_uniform(0.0005, 0.003),
+                slow_drift: Drift::random(rng, 1.5),
+                canary_error: CanaryRate::Factor(1.0),
+                canary_slow: CanaryRate::Factor(1.0),
+                reset_at: None,
+                outage: None,
+            },
+        },
+        Scenario {
+            name: "errors x2",
+            healthy: false,
+            seed: 21,
+            make: |rng| regressed(rng, 2.0, 1.0),
+        },
+        Scenario {
+            name: "errors x5",
+            healthy: false,
+            seed: 22,
+            make: |rng| regressed(rng, 5.0, 1.0),
+        },
+        Scenario {
+            name: "errors x10",
+            healthy: false,
+            seed: 23,
+            make: |rng| regressed(rng, 10.0, 1.0),
+        },
+        Scenario {
+            name: "slow share x3",
+            healthy: false,
+            seed: 24,
+            make: |rng| regressed(rng, 1.0, 3.0),
+        },
+        Scenario {
+            name: "slow share x10",
+            healthy: false,
+            seed: 25,
+            make: |rng| regressed(rng, 1.0, 10.0),
+        },
+        Scenario {
+            name: "broken: 50-100 % errors, 400 rps",
+            healthy: false,
+            seed: 26,
+            make: |rng| World {
+                rps: 400.0,
+                traffic: Drift {
+                    amplitude: 0.0,
+                    period: 1.0,
+                    phase: 0.0,
+                },
+                canary_error: CanaryRate::Fixed(rng.uniform(0.5, 1.0)),
+                reset_at: None,
+                outage: None,
+                ..healthy_world(rng)
+            },
+        },
+    ]
+}
+
+/// Every outcome of one judge in one scenario.
+struct Cell {
+    outcomes: Vec<PeerOutcome>,
+}
+
+impl Cell {
+    fn rolled_back(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .outcomes
+            .iter()
+            .filter_map(|o| match o {
+                PeerOutcome::RolledBack {
+                    after_first_request,
+                    ..
+                } => Some(*after_first_request),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn promoted(&self) -> Vec<u64> {
+        let mut v: Vec<u64> = self
+            .outcomes
+            .iter()
+            .filter_map(|o| match o {
+                PeerOutcome::Promoted { at } => Some(*at),
+                _ => None,
+            })
+            .collect();
+        v.sort_unstable();
+        v
+    }
+
+    fn undecided(&self) -> usize {
+        self.outcomes
+            .iter()
+            .filter(|o| **o == PeerOutcome::Undecided)
+            .count()
+    }
+
+    fn reasons(&self) -> std::collections::BTreeMap<&'static str, usize> {
+        let mut m = std::collections::BTreeMap::new();
+        for o in &self.outcomes {
+            if let PeerOutcome::RolledBack { reason, .. } = o {
+                *m.entry(*reason).or_default() += 1;
+            }
+        }
+        m
+    }
+}
+
+fn percent(k: usize, n: usize) -> String {
+    format!("{:.1} %", 100.0 * k as f64 / n.max(1) as f64)
+}
+
+fn times(sorted: &[u64]) -> String {
+    if sorted.is_empty() {
+        return "-".to_string();
+    }
+    format!(
+        "{} / {} / {}",
+        percentile(sorted, 0.5),
+        percentile(sorted, 0.9),
+        percentile(sorted, 0.99)
+    )
+}
+
+fn peer_runs() -> u64 {
+    std::env::var("MESHCANARY_PEER_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(20)
+}
+
+#[test]
+fn peer_table() {
+    let started = Instant::now();
+    let n = peer_runs();
+    let scenarios = scenarios();
+    // cells[scenario][judge], and each scenario's worlds
+    let mut cells: Vec<Vec<Cell>> = Vec::new();
+    let mut worlds: Vec<Vec<World>> = Vec::new();
+    for sc in &scenarios {
+        let mut these = Vec::new();
+        let mut row: Vec<Cell> = JUDGES
+            .iter()
+            .map(|_| Cell {
+                outcomes: Vec::new(),
+            })
+            .collect();
+        for i in 0..n {
+            let seed = sc.seed.wrapping_mul(1_000_003).wrapping_add(i);
+            let mut rng = Rng::seeded(seed);
+            let world = (sc.make)(&mut rng);
+            for (j, name) in JUDGES.iter().enumerate() {
+                // The same world and the same random stream for every judge.
+                let mut stream = rng.clone();
+                let mut judge = make_judge(name, &world, seed);
+                row[j]
+                    .outcomes
+                    .push(drive(&world, judge.as_mut(), &mut stream));
+            }
+            these.push(world);
+        }
+        cells.push(row);
+        worlds.push(these);
+    }
+
+    println!(
+        "\npeer table: {n} runs per scenario, the same worlds and random streams for every judge, \
+         horizon {PEER_HORIZON} s; times in seconds"
+    );
+    println!("\n| scenario | judge | rolled back | promoted | undecided | detection p50 / p90 / p99 | promotion p50 / p90 / p99 | rollbacks by reason |");
+    println!("|---|---|---|---|---|---|---|---|");
+    for (sc, row) in scenarios.iter().zip(&cells) {
+        for (name, cell) in JUDGES.iter().zip(row) {
+            let rb = cell.rolled_back();
+            let pr = cell.promoted();
+            println!(
+                "| {} | {} | {} | {} | {} | {} | {} | {:?} |",
+                sc.name,
+                name,
+                percent(rb.len(), cell.outcomes.len()),
+                percent(pr.len(), cell.outcomes.len()),
+                cell.undecided(),
+                if sc.healthy {
+                    "-".to_string()
+                } else {
+                    times(&rb)
+                },
+                times(&pr),
+                cell.reasons()
+            );
+        }
+    }
+
+    // The summary: one row per judge.
+    let healthy: Vec<usize> = (0..scenarios.len())
+        .filter(|&s| scenarios[s].healthy)
+        .collect();
+    let regressions: Vec<usize> = (0..scenarios.len())
+        .filter(|&s| !scenarios[s].healthy)
+        .collect();
+    print!("\n| judge | false rollbacks (healthy) | time to promote a healthy canary p50 / p90 / p99 |");
+    for &s in &regressions {
+        print!(" missed: {} |", scenarios[s].name);
+    }
+    println!(" detection, errors x10: p50 / p90 / p99 | detection, broken: p50 / p90 / p99 |");
+    println!("|{}", "---|".repeat(5 + regressions.len()));
+    let find = |name: &str| {
+        scenarios
+            .iter()
+            .position(|s| s.name.starts_with(name))
+            .unwrap_or(0)
+    };
+    let (tenfold, broken) = (find("errors x10"), find("broken"));
+    let mut summary = Vec::new();
+    for (j, name) in JUDGES.iter().enumerate() {
+        let runs: usize = healthy.iter().map(|&s| cells[s][j].outcomes.len()).sum();
+        let false_rb: usize = healthy
+            .iter()
+            .map(|&s| cells[s][j].rolled_back().len())
+            .sum();
+        let mut promote: Vec<u64> = healthy
+            .iter()
+            .flat_map(|&s| cells[s][j].promoted())
+            .collect();
+        promote.sort_unstable();
+        print!(
+            "| {name} | {} ({false_rb} of {runs}) | {} |",
+            percent(false_rb, runs),
+            times(&promote)
+        );
+        let mut missed = Vec::new();
+        for &s in &regressions {
+            let c = &cells[s][j];
+            let m = c.promoted().len();
+            missed.push(m);
+            print!(" {} |", percent(m, c.outcomes.len()));
+        }
+        println!(
+            " {} | {} |",
+            times(&cells[tenfold][j].rolled_back()),
+            times(&cells[broken][j].rolled_back())
+        );
+        summary.push((false_rb, runs, missed));
+    }
+    // Of the 2× error regressions promoted, how many kept the canary's true error rate under
+    // 1 % (meshcanary's max_error_rate, Flagger's and Argo's 99 %) until the promotion.
+    let twofold = find("errors x2");
+    print!("\nerrors x2 promoted while the canary's true error rate stayed under 1 %:");
+    for (j, name) in JUDGES.iter().enumerate() {
+        let (mut under, mut all) = (0, 0);
+        for (w, o) in worlds[twofold].iter().zip(&cells[twofold][j].outcomes) {
+            if let PeerOutcome::Promoted { at } = o {
+                all += 1;
+                let peak = (1..=*at)
+                    .map(|t| {
+                        let p_b = w.base_error * w.error_drift.at(t as f64 - 0.5);
+                        w.canary_error.of(p_b.min(1.0))
+                    })
+                    .fold(0.0, f64::max);
+                if peak < 0.01 {
+                    under += 1;
+                }
+            }
+        }
+        print!(" {name} {under} of {all};");
+    }
+    println!();
+    println!(
+        "\nmissed = promoted although regressed; a run neither rolled back nor promoted within \
+         {PEER_HORIZON} s is undecided (detail table). {} rollouts simulated in {:.1} s",
+        n as usize * scenarios.len() * JUDGES.len(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // meshcanary: the false-rollback bound. α = 0.1 % bounds the relative tests' false alarms
+    // per rollout; allow twice its expectation plus one, for sampling noise on small runs.
+    let (false_rb, runs, ref missed) = summary[0];
+    assert!(
+        false_rb as f64 <= 2.0 * 0.001 * runs as f64 + 1.0,
+        "meshcanary: {false_rb} false rollbacks in {runs} healthy runs"
+    );
+    // Every healthy meshcanary rollout ends within the horizon.
+    for &s in &healthy {
+        assert_eq!(
+            cells[s][0].undecided(),
+            0,
+            "meshcanary undecided in {}",
+            scenarios[s].name
+        );
+    }
+    // meshcanary misses at most 1 % of the 10× error regressions (promotion through the
+    // absolute bound while the canary stays under max_error_rate), and no broken canary.
+    let pos = |s: usize| regressions.iter().position(|&r| r == s).unwrap_or(0);
+    assert!(
+        missed[pos(tenfold)] as f64 <= (0.01 * n as f64).ceil(),
+        "meshcanary missed {} of {n} 10x error regressions",
+        missed[pos(tenfold)]
+    );
+    // Every judge rolls back every broken canary; meshcanary's hard guard does it at its first
+    // evaluation with canary traffic (interval 10 s).
+    for (j, name) in JUDGES.iter().enumerate() {
+        assert_eq!(
+            cells[broken][j].rolled_back().len() as u64,
+            n,
+            "{name} let a broken canary through"
+        );
+    }
+    assert!(
+        cells[broken][0].rolled_back().iter().all(|&t| t <= 20),
+        "meshcanary: broken canary detection {:?}",
+        cells[broken][0].rolled_back().last()
+    );
+    // The peers' schedules as their tools define them: a healthy quiet canary is promoted by
+    // Flagger after 5 analyses (10 → 50 %, then the analysis at 50 %), by Argo after its four
+    // 10-minute steps, by Kayenta after three 30-minute steps.
+    let quiet = find("healthy: quiet");
+    for (j, earliest) in [(1, 300), (2, 2400), (3, 5400)] {
+        let p = cells[quiet][j].promoted();
+        assert!(
+            p.first().is_none_or(|&t| t >= earliest),
+            "{} promoted before its schedule allows: {p:?}",
+            JUDGES[j]
+        );
+    }
 }
