@@ -648,6 +648,8 @@ impl Judge for Meshcanary {
                 RollbackReason::SlowRegression => "latency regression",
                 RollbackReason::NoData { .. } => "no data",
                 RollbackReason::Aborted => "aborted",
+                // The simulation has no webhooks; the engine never says this itself.
+                RollbackReason::Webhook => "webhook",
             }),
             Verdict::Complete { .. } => Decision::Promote,
             Verdict::Hold { .. } | Verdict::Promote { .. } => Decision::Continue,
