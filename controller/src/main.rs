@@ -776,16 +776,29 @@ async fn render(spec: &RolloutSpec, out: &mut Output) -> ExitCode {
 
 /// `render --sink kubernetes`: offline and deterministic; exit 2 without a sink.kubernetes.
 async fn render_kubernetes(spec: &RolloutSpec, _out: &mut Output) -> ExitCode {
-    match render_manifest(spec) {
+    print_rendered(spec, render_manifest(spec), |e| {
+        matches!(e, ManifestError::NotKubernetes(_))
+    })
+}
+
+/// Prints rendered documents, or names the spec and what went wrong: exit 2 when the spec
+/// or the flags cannot give the documents (`invalid`), 1 when rendering them failed.
+fn print_rendered<E: std::fmt::Display>(
+    spec: &RolloutSpec,
+    rendered: Result<String, E>,
+    invalid: fn(&E) -> bool,
+) -> ExitCode {
+    match rendered {
         Ok(text) => {
             print!("{}", text);
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("meshcanary: {}: {}", spec.file.display(), e);
-            match e {
-                ManifestError::NotKubernetes(_) => ExitCode::from(EXIT_INVALID),
-                ManifestError::Render(_) => ExitCode::from(EXIT_FAILURE),
+            if invalid(&e) {
+                ExitCode::from(EXIT_INVALID)
+            } else {
+                ExitCode::from(EXIT_FAILURE)
             }
         }
     }
@@ -836,19 +849,9 @@ fn report(events: &Path) -> ExitCode {
 /// `render --target`: offline and deterministic; exit 2 for a spec or flags that cannot
 /// give the documents.
 fn render_for_gateway(spec: &RolloutSpec, options: &GatewayOptions, _out: &mut Output) -> ExitCode {
-    match render_gateway(spec, options) {
-        Ok(text) => {
-            print!("{}", text);
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("meshcanary: {}: {}", spec.file.display(), e);
-            match e {
-                GatewayRenderError::Usage(_) => ExitCode::from(EXIT_INVALID),
-                GatewayRenderError::Render(_) => ExitCode::from(EXIT_FAILURE),
-            }
-        }
-    }
+    print_rendered(spec, render_gateway(spec, options), |e| {
+        matches!(e, GatewayRenderError::Usage(_))
+    })
 }
 
 /// Resolves on SIGINT or SIGTERM: the rollout saves its record and stops, resumable.

@@ -373,6 +373,28 @@ impl RolloutSink {
         Ok(())
     }
 
+    /// A JSON merge patch of one annotation of the Rollout (`null` removes it) under
+    /// `field_manager`: how operators' marks are written, apart from the spec.
+    async fn patch_annotation(
+        &self,
+        annotation: &str,
+        value: Value,
+        field_manager: &str,
+    ) -> Result<(), SinkError> {
+        let patch = json!({"metadata": {"annotations": {annotation: value}}});
+        let params = PatchParams {
+            field_manager: Some(field_manager.to_string()),
+            ..PatchParams::default()
+        };
+        self.timed(
+            self.rollout_request("PATCH", ""),
+            self.rollouts()
+                .patch(&self.handle.name, &params, &Patch::Merge(&patch)),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn apply_envoy_filter(&self, policy: &Value, record: &Record) -> Result<(), SinkError> {
         self.check_leader()?;
         let object = self.envoy_filter(policy, record);
@@ -579,17 +601,8 @@ impl ConfigSink for RolloutSink {
         } else {
             Value::Null
         };
-        let patch = json!({"metadata": {"annotations": {ABORT_ANNOTATION: value}}});
-        let params = PatchParams {
-            field_manager: Some(ABORT_FIELD_MANAGER.to_string()),
-            ..PatchParams::default()
-        };
-        self.timed(
-            self.rollout_request("PATCH", ""),
-            self.rollouts()
-                .patch(&self.handle.name, &params, &Patch::Merge(&patch)),
-        )
-        .await?;
+        self.patch_annotation(ABORT_ANNOTATION, value, ABORT_FIELD_MANAGER)
+            .await?;
         self.handle.abort.store(on, Ordering::SeqCst);
         Ok(())
     }
@@ -619,17 +632,8 @@ impl ConfigSink for RolloutSink {
             MarkKind::Promote => PROMOTE_ANNOTATION,
         };
         let value = text.map_or(Value::Null, |t| Value::String(t.to_string()));
-        let patch = json!({"metadata": {"annotations": {annotation: value}}});
-        let params = PatchParams {
-            field_manager: Some(OPERATOR_FIELD_MANAGER.to_string()),
-            ..PatchParams::default()
-        };
-        self.timed(
-            self.rollout_request("PATCH", ""),
-            self.rollouts()
-                .patch(&self.handle.name, &params, &Patch::Merge(&patch)),
-        )
-        .await?;
+        self.patch_annotation(annotation, value, OPERATOR_FIELD_MANAGER)
+            .await?;
         let mut marks = lock(&self.handle.marks);
         match kind {
             MarkKind::Pause => marks.0 = text.map(str::to_string),

@@ -129,21 +129,24 @@ pub struct WebhookDocument {
     pub metadata: Option<BTreeMap<String, String>>,
 }
 
-/// When a webhook is called.
+/// When a webhook is called, and what its answer does (the controller's
+/// [`crate::spec::webhooks::WebhookKind`] too).
 #[derive(
     Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
 )]
 #[serde(rename_all = "kebab-case")]
 pub enum WebhookTypeDocument {
-    /// Before the first weight is applied; the rollout waits until it answers 2xx.
+    /// Before the first weight is applied; the rollout waits until it answers 2xx, and
+    /// rolls back after `max_failures` failed intervals in a row.
     PreRollout,
-    /// Before every promotion (and the completion); no 2xx, no promotion.
+    /// Before every promotion (and the completion): without a 2xx, no promotion.
     ConfirmPromotion,
-    /// At every interval while progressing; a failure holds promotion.
+    /// At every interval while progressing: a failure holds promotion for that interval,
+    /// `max_failures` in a row roll back.
     Rollout,
-    /// After a rollback or abort is applied; its answer changes nothing.
+    /// After a rollback or an abort is applied; its answer changes nothing.
     Rollback,
-    /// After the rollout ends, either way; its answer changes nothing.
+    /// After the rollout ended, either way; its answer changes nothing.
     PostRollout,
     /// Every event, fire-and-forget.
     Event,

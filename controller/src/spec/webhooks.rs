@@ -7,9 +7,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
-use super::document::{
-    NotifyDocument, NotifyTypeDocument, SeverityDocument, WebhookDocument, WebhookTypeDocument,
-};
+use super::document::{NotifyDocument, NotifyTypeDocument, SeverityDocument, WebhookDocument};
 use super::{parse_duration, Checker};
 
 /// Default time one attempt of a webhook may take.
@@ -28,24 +26,9 @@ pub const MAX_RETRIES: u32 = 5;
 /// Default intervals a `pre-rollout` or `rollout` hook may fail in a row.
 pub const DEFAULT_MAX_FAILURES: u32 = 10;
 
-/// When a webhook is called, and what its answer does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum WebhookKind {
-    /// Before the first weight is applied; the rollout waits until it answers 2xx, and
-    /// rolls back after `max_failures` failed intervals in a row.
-    PreRollout,
-    /// Before every promotion (and the completion): without a 2xx, no promotion.
-    ConfirmPromotion,
-    /// At every interval while progressing: a failure holds promotion for that interval,
-    /// `max_failures` in a row roll back.
-    Rollout,
-    /// After a rollback or an abort is applied; its answer changes nothing.
-    Rollback,
-    /// After the rollout ended, either way; its answer changes nothing.
-    PostRollout,
-    /// Every event, fire-and-forget.
-    Event,
-}
+/// When a webhook is called, and what its answer does: the spec's `type`, one type for
+/// the file, the CRD and the controller.
+pub use super::document::WebhookTypeDocument as WebhookKind;
 
 impl WebhookKind {
     /// The name the spec and the payloads use (`pre-rollout`, …).
@@ -63,17 +46,6 @@ impl WebhookKind {
     /// Whether failed intervals are counted against `max_failures`.
     pub fn counts_failures(self) -> bool {
         matches!(self, WebhookKind::PreRollout | WebhookKind::Rollout)
-    }
-
-    fn from_document(d: WebhookTypeDocument) -> WebhookKind {
-        match d {
-            WebhookTypeDocument::PreRollout => WebhookKind::PreRollout,
-            WebhookTypeDocument::ConfirmPromotion => WebhookKind::ConfirmPromotion,
-            WebhookTypeDocument::Rollout => WebhookKind::Rollout,
-            WebhookTypeDocument::Rollback => WebhookKind::Rollback,
-            WebhookTypeDocument::PostRollout => WebhookKind::PostRollout,
-            WebhookTypeDocument::Event => WebhookKind::Event,
-        }
     }
 }
 
@@ -272,9 +244,7 @@ impl Checker<'_, '_> {
         for (i, hook) in hooks.iter().enumerate() {
             let path = format!("webhooks[{}]", self.original_index("webhooks", i));
             let name = self.hook_name(&hook.name, &path, &mut seen);
-            let kind = self
-                .required(&hook.kind, &format!("{path}.type"))
-                .map(|k| WebhookKind::from_document(*k));
+            let kind = self.required(&hook.kind, &format!("{path}.type")).copied();
             let url = self.hook_url(&hook.url, &path);
             let timeout = self.hook_timeout(hook.timeout.as_ref(), &path, DEFAULT_HOOK_TIMEOUT);
             let retries = self.hook_retries(hook.retries, &path);
