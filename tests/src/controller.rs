@@ -243,3 +243,49 @@ impl Forwarder {
         let _ = self.open.send(open);
     }
 }
+
+/// Starts the load generator (`meshcanary-load`, the binary at `bin`) against `url`:
+/// `rps` requests/s from 5,000 users over `concurrency` connections, for at most 90 s and
+/// 100,000 requests; killed when the handle is dropped.
+pub fn start_load(bin: &Path, url: &str, rps: u32, concurrency: u32) -> Child {
+    Command::new(bin)
+        .args(["--url", url, "--rps", &rps.to_string()])
+        .args(["--duration-s", "90", "--max-requests", "100000"])
+        .args([
+            "--concurrency",
+            &concurrency.to_string(),
+            "--user-ids",
+            "5000",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the load generator")
+}
+
+/// The canary's weight (basis points) in the split rule at `rule` of the policy inside
+/// the ECDS file at `ecds`, as the controller wrote it.
+pub fn ecds_canary_weight(ecds: &Path, rule: usize) -> u64 {
+    let text = std::fs::read_to_string(ecds).expect("ECDS file");
+    let document: Value = serde_json::from_str(&text).expect("ECDS JSON");
+    let policy: Value = serde_json::from_str(
+        document["resources"][0]["typed_config"]["config"]["configuration"]["value"]
+            .as_str()
+            .expect("policy string"),
+    )
+    .expect("policy JSON");
+    policy["rules"][rule]["split"]["weights"]
+        .as_array()
+        .and_then(|w| w.iter().find(|w| w["variant"] == "canary"))
+        .and_then(|w| w["weight"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The rollout record the ECDS file sink keeps next to `ecds` (`<ecds>.state.json`).
+pub fn saved_record(ecds: &Path) -> Value {
+    let mut path = ecds.as_os_str().to_owned();
+    path.push(".state.json");
+    let text = std::fs::read_to_string(std::path::PathBuf::from(path)).expect("record");
+    serde_json::from_str(&text).expect("record JSON")
+}

@@ -5,7 +5,6 @@
 //! 300 requests/s) so that every test ends in seconds.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use meshcanary_e2e::controller::{Controller, Forwarder};
@@ -100,45 +99,13 @@ impl Bench {
 
     /// Like [`Bench::start_load`], to another address of the same Envoy (a forwarder).
     fn start_load_at(&mut self, url: &str, rps: u32) {
-        let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-load"))
-            .args(["--url", url, "--rps", &rps.to_string()])
-            .args([
-                "--duration-s",
-                "90",
-                "--max-requests",
-                "100000",
-                "--concurrency",
-                "8",
-                "--user-ids",
-                "5000",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the load generator");
-        self.load = Some(child);
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_meshcanary-load"));
+        self.load = Some(meshcanary_e2e::controller::start_load(bin, url, rps, 8));
     }
 
     /// The canary weight (basis points) in the ECDS file Envoy watches.
     fn ecds_canary_weight(&self) -> u64 {
-        let text = std::fs::read_to_string(&self.ecds).expect("ECDS file");
-        let document: Value = serde_json::from_str(&text).expect("ECDS JSON");
-        let policy: Value = serde_json::from_str(
-            document["resources"][0]["typed_config"]["config"]["configuration"]["value"]
-                .as_str()
-                .expect("policy string"),
-        )
-        .expect("policy JSON");
-        let weights = policy["rules"][1]["split"]["weights"]
-            .as_array()
-            .cloned()
-            .unwrap_or_default();
-        weights
-            .iter()
-            .find(|w| w["variant"] == "canary")
-            .and_then(|w| w["weight"].as_u64())
-            .unwrap_or(0)
+        meshcanary_e2e::controller::ecds_canary_weight(&self.ecds, 1)
     }
 
     fn spec_arg(&self) -> String {
@@ -1219,9 +1186,7 @@ async fn meshcanary(args: &[&str]) -> (Option<i32>, Vec<Value>, String, Duration
 
 /// The rollout record the ECDS file sink keeps next to the file.
 fn saved_record(bench: &Bench) -> Value {
-    let mut path = bench.ecds.clone().into_os_string();
-    path.push(".state.json");
-    serde_json::from_str(&std::fs::read_to_string(path).expect("record")).expect("record JSON")
+    meshcanary_e2e::controller::saved_record(&bench.ecds)
 }
 
 /// One interval of the specs below, plus the CLI's polling (200 ms) and its start.

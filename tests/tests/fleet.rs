@@ -6,7 +6,6 @@
 //! test needs one to stay mid-way) so that the whole file ends in about a minute.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use meshcanary_e2e::controller::{Controller, Event};
@@ -109,24 +108,14 @@ impl Rig {
 
     /// Load from 5,000 users at [`RPS`], for at most 90 s.
     fn start_load(&mut self) {
-        let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-load"))
-            .args(["--url", &self.envoy.url("/"), "--rps", &RPS.to_string()])
-            .args(["--duration-s", "90", "--max-requests", "100000"])
-            .args(["--concurrency", "4", "--user-ids", "5000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the load generator");
-        self.load = Some(child);
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_meshcanary-load"));
+        let url = self.envoy.url("/");
+        self.load = Some(meshcanary_e2e::controller::start_load(bin, &url, RPS, 4));
     }
 
     /// The rollout's saved record (`<ecds>.state.json`).
     fn record(&self) -> Value {
-        let mut path = self.ecds.as_os_str().to_owned();
-        path.push(".state.json");
-        let text = std::fs::read_to_string(PathBuf::from(path)).expect("record");
-        serde_json::from_str(&text).expect("record JSON")
+        meshcanary_e2e::controller::saved_record(&self.ecds)
     }
 
     /// Time from the canary's first request to the controller's confirmed 0 % write.

@@ -7,13 +7,12 @@
 //! test ends in seconds.
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use meshcanary_e2e::controller::{Controller, Event};
 use meshcanary_e2e::{paths, write_ecds, Behaviour, Envoy, EnvoyConfig, FilterSource, Upstream};
 use serde_json::{json, Value};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 
@@ -108,33 +107,14 @@ impl Rig {
 
     /// `rps` requests/s from 5,000 users, for at most 90 s.
     fn start_load(&mut self, rps: u32) {
-        let child = Command::new(env!("CARGO_BIN_EXE_meshcanary-load"))
-            .args(["--url", &self.envoy.url("/"), "--rps", &rps.to_string()])
-            .args(["--duration-s", "90", "--max-requests", "100000"])
-            .args(["--concurrency", "8", "--user-ids", "5000"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .kill_on_drop(true)
-            .spawn()
-            .expect("start the load generator");
-        self.load = Some(child);
+        let bin = std::path::Path::new(env!("CARGO_BIN_EXE_meshcanary-load"));
+        let url = self.envoy.url("/");
+        self.load = Some(meshcanary_e2e::controller::start_load(bin, &url, rps, 8));
     }
 
     /// The canary weight (basis points) in the ECDS file Envoy watches.
     fn ecds_canary_weight(&self) -> u64 {
-        let text = std::fs::read_to_string(&self.ecds).expect("ECDS file");
-        let document: Value = serde_json::from_str(&text).expect("ECDS JSON");
-        let policy: Value = serde_json::from_str(
-            document["resources"][0]["typed_config"]["config"]["configuration"]["value"]
-                .as_str()
-                .expect("policy string"),
-        )
-        .expect("policy JSON");
-        policy["rules"][0]["split"]["weights"]
-            .as_array()
-            .and_then(|w| w.iter().find(|w| w["variant"] == "canary"))
-            .and_then(|w| w["weight"].as_u64())
-            .unwrap_or(0)
+        meshcanary_e2e::controller::ecds_canary_weight(&self.ecds, 0)
     }
 }
 
