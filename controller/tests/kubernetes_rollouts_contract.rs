@@ -11,13 +11,15 @@
 //! rollouts run to their end in about a second each.
 
 mod api_server;
+mod stand_in;
+
+use stand_in::SteadyCounters;
 
 use api_server::Exchange;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -35,7 +37,6 @@ use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, RunError};
 use meshcanary_controller::sink::kubernetes::Options;
 use meshcanary_controller::sink::SinkError;
-use meshcanary_controller::source::{MetricSource, Query, Snapshot, SourceError, VariantCounts};
 use meshcanary_controller::spec::RolloutSpec;
 use serde_json::{json, Value};
 use tokio::sync::mpsc;
@@ -466,43 +467,6 @@ impl ApiServer {
 // ---------------------------------------------------------------------------------------
 // The rollouts under test.
 
-/// A canary that is healthy (no errors) or broken (half its requests fail), with the
-/// baseline healthy; 1000 requests each per read.
-struct FakeSource {
-    broken: bool,
-    reads: AtomicU64,
-}
-
-impl MetricSource for FakeSource {
-    async fn read(&self, query: &Query) -> Result<Snapshot, SourceError> {
-        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut variants = BTreeMap::new();
-        for variant in &query.variants {
-            let canary = *variant == query.variants[0];
-            let responses = 1000 * n;
-            let errors = if canary && self.broken {
-                responses / 2
-            } else {
-                0
-            };
-            variants.insert(
-                variant.clone(),
-                VariantCounts {
-                    responses,
-                    errors,
-                    latency_samples: responses,
-                    slow: 0,
-                },
-            );
-        }
-        Ok(Snapshot { variants })
-    }
-
-    fn describe(&self) -> String {
-        "in-process counters".to_string()
-    }
-}
-
 /// A Rollout's spec: two steps, quick.
 fn rollout_spec(canary: &str) -> Value {
     json!({
@@ -566,10 +530,7 @@ async fn controller(api: &ApiServer, identity: &str) -> Controller {
                 let Some(sink) = sink else {
                     return Err(RunError::Sink(SinkError::Busy("unknown Rollout".into())));
                 };
-                let source = FakeSource {
-                    broken: spec.canary.starts_with("broken"),
-                    reads: AtomicU64::new(0),
-                };
+                let source = SteadyCounters::new(spec.canary.starts_with("broken"));
                 rollout::run_release(&spec, &source, &sink, &mut out, stop.stopped()).await
             })
         },

@@ -3,9 +3,7 @@
 //! counters: what pause holds back, what resume lets act, when promote is refused, and
 //! what a dry run does with a rollback verdict.
 
-use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -13,9 +11,12 @@ use meshcanary_controller::control::{Command, MarkKind, Marks};
 use meshcanary_controller::output::{Format, Output};
 use meshcanary_controller::rollout::{self, Outcome};
 use meshcanary_controller::sink::{ConfigSink, Record, SinkError};
-use meshcanary_controller::source::{MetricSource, Query, Snapshot, SourceError, VariantCounts};
 use meshcanary_controller::spec::RolloutSpec;
 use meshcanary_controller::verdict::Phase;
+
+mod stand_in;
+
+use stand_in::SteadyCounters;
 
 const POLICY: &str = r#"{"name": "checkout", "variants": ["stable", "canary"], "rules": [
   {"name": "rollout", "split": {"by": {"header": "x-user-id"}, "salt": "s",
@@ -104,41 +105,6 @@ impl ConfigSink for MemorySink {
     }
 }
 
-/// 1,000 requests per side per read; the canary fails half of them when `broken`.
-struct Counters {
-    broken: bool,
-    reads: AtomicU64,
-}
-
-impl MetricSource for Counters {
-    async fn read(&self, query: &Query) -> Result<Snapshot, SourceError> {
-        let n = self.reads.fetch_add(1, Ordering::SeqCst) + 1;
-        let mut variants = BTreeMap::new();
-        for variant in &query.variants {
-            let canary = *variant == query.variants[0];
-            let responses = 1000 * n;
-            let errors = if canary && self.broken {
-                responses / 2
-            } else {
-                0
-            };
-            variants.insert(
-                variant.clone(),
-                VariantCounts {
-                    responses,
-                    errors,
-                    latency_samples: responses,
-                    slow: 0,
-                },
-            );
-        }
-        Ok(Snapshot { variants })
-    }
-    fn describe(&self) -> String {
-        "in-process counters".into()
-    }
-}
-
 /// Waits (up to 5 s) until `check` holds of the saved record.
 async fn until(memory: &Memory, what: &str, check: impl Fn(&Record) -> bool) {
     let started = Instant::now();
@@ -159,10 +125,7 @@ fn drive(
 ) -> tokio::task::JoinHandle<Result<Outcome, String>> {
     let sink = MemorySink(Arc::clone(memory));
     tokio::spawn(async move {
-        let source = Counters {
-            broken,
-            reads: AtomicU64::new(0),
-        };
+        let source = SteadyCounters::new(broken);
         let mut out = Output::new(Format::Json).silent();
         rollout::run(&spec, &source, &sink, &mut out, std::future::pending())
             .await
