@@ -32,6 +32,12 @@ const CLOSE_LIMIT: Duration = Duration::from_secs(30);
 pub fn severity(kind: &str, data: &Value) -> Option<Severity> {
     match kind {
         "start" | "resume" | "superseded" | "promote" | "complete" => Some(Severity::Info),
+        // An operator's command, a step confirmed again after a proxy restarted, a record
+        // saved again after failed saves: worth a line in the channel, nothing to do.
+        "command" | "confirmed" | "saved" => Some(Severity::Info),
+        // A proxy restarted (counters went down), or a dry run's rollback verdict: the
+        // canary keeps its weight, and someone should look.
+        "restart" | "would_rollback" => Some(Severity::Warning),
         "rollback" | "aborted" => Some(Severity::Error),
         // Held by a gate or a failing hook (the driver's holds name what held them).
         "hold" if data.get("held").is_some() || data.get("hook").is_some() => {
@@ -316,6 +322,12 @@ mod tests {
             Some(Severity::Warning)
         );
         assert_eq!(severity("applied", &json!({"weight": 20})), None);
+        assert_eq!(
+            severity("would_rollback", &json!({"dry_run": true})),
+            Some(Severity::Warning)
+        );
+        assert_eq!(severity("restart", &json!({})), Some(Severity::Warning));
+        assert_eq!(severity("paused", &json!({})), None);
         assert!(Severity::Info < Severity::Warning && Severity::Warning < Severity::Error);
     }
 
