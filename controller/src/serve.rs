@@ -318,9 +318,13 @@ fn activity_name(activity: Activity) -> &'static str {
     }
 }
 
-/// Runs the controller until SIGTERM/SIGINT: a folder of specs, or one spec file.
-pub async fn serve(path: &Path, listen: SocketAddr, out: Output) -> Result<(), String> {
-    let per_rollout = path.is_dir();
+/// Starts serving /metrics and /healthz on `listen` (metrics labelled by rollout when
+/// `per_rollout`) and watching for SIGTERM/SIGINT: the metrics, and the stop signal that
+/// turns true on either.
+async fn start_serving(
+    listen: SocketAddr,
+    per_rollout: bool,
+) -> Result<(Arc<Metrics>, watch::Receiver<bool>), String> {
     let metrics = Arc::new(Metrics::new(per_rollout));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -331,6 +335,13 @@ pub async fn serve(path: &Path, listen: SocketAddr, out: Output) -> Result<(), S
         crate::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
+    Ok((metrics, stop_rx))
+}
+
+/// Runs the controller until SIGTERM/SIGINT: a folder of specs, or one spec file.
+pub async fn serve(path: &Path, listen: SocketAddr, out: Output) -> Result<(), String> {
+    let per_rollout = path.is_dir();
+    let (metrics, stop_rx) = start_serving(listen, per_rollout).await?;
     let hook_metrics = Arc::clone(&metrics);
     let hook: EventHook = Arc::new(move |rollout, kind, data| {
         hook_metrics.observe(rollout, kind, data);
@@ -382,16 +393,7 @@ pub async fn serve_kubernetes(
     use meshcanary_controller::sink::kubernetes::{prepare_tls, Options};
     use meshcanary_controller::sink::SinkError;
 
-    let metrics = Arc::new(Metrics::new(true));
-    let listener = tokio::net::TcpListener::bind(listen)
-        .await
-        .map_err(|e| format!("cannot listen on {}: {}", listen, e))?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    tokio::spawn(http_server(listener, Arc::clone(&metrics), stop_rx.clone()));
-    tokio::spawn(async move {
-        crate::shutdown_signal().await;
-        let _ = stop_tx.send(true);
-    });
+    let (metrics, stop_rx) = start_serving(listen, true).await?;
     prepare_tls();
     let client = kube::Client::try_default().await.map_err(|e| {
         format!(

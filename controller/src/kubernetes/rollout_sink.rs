@@ -39,9 +39,9 @@ use super::lease::Leader;
 use super::status::{self, RolloutStatus};
 use crate::control::{MarkKind, Marks};
 use crate::sink::kubernetes::{
-    envoy_filter_resource, envoy_filter_spec, to_yaml, ABORT_ANNOTATION, ABORT_FIELD_MANAGER,
-    FIELD_MANAGER, MANAGED_BY, OPERATOR_FIELD_MANAGER, PAUSE_ANNOTATION, PHASE_ANNOTATION,
-    PROMOTE_ANNOTATION, STEP_ANNOTATION, WEIGHT_ANNOTATION,
+    annotation_is, envoy_filter_resource, envoy_filter_spec, to_yaml, ABORT_ANNOTATION,
+    ABORT_FIELD_MANAGER, FIELD_MANAGER, MANAGED_BY, OPERATOR_FIELD_MANAGER, PAUSE_ANNOTATION,
+    PHASE_ANNOTATION, PROMOTE_ANNOTATION, STEP_ANNOTATION, WEIGHT_ANNOTATION,
 };
 use crate::sink::{ConfigSink, Record, SinkError};
 use crate::spec::document::Rollout;
@@ -577,13 +577,7 @@ impl ConfigSink for RolloutSink {
         );
         let object = self.timed(request, api.get_opt(&self.envoy.name)).await?;
         let weight = record.applied_weight.to_string();
-        Ok(object.is_some_and(|o| {
-            o.metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(WEIGHT_ANNOTATION))
-                == Some(&weight)
-        }))
+        Ok(object.is_some_and(|o| annotation_is(&o, WEIGHT_ANNOTATION, &weight)))
     }
 
     async fn save(&self, record: &Record) -> Result<(), SinkError> {

@@ -805,28 +805,15 @@ impl ConfigSink for Kubernetes {
 
     async fn claim(&self) -> Result<LeaseClaim, SinkError> {
         let ctx = self.lease_ctx().await?;
-        let sent_at = Instant::now();
-        let lease = ctx.acquire().await?;
+        let claim = hold_lease(ctx).await?;
         tracing::info!(
             "holding Lease {}/{} as {}",
-            ctx.namespace,
-            ctx.name,
-            ctx.identity
+            claim.ctx.namespace,
+            claim.ctx.name,
+            claim.ctx.identity
         );
-        let shared = Arc::new(LeaseShared {
-            state: Mutex::new(LeaseState {
-                lease,
-                renewed_at: sent_at,
-                lost: None,
-            }),
-        });
-        *lock(&self.lease) = Some(shared.clone());
-        let renewer = tokio::spawn(renew(ctx.clone(), shared.clone()));
-        Ok(LeaseClaim {
-            shared,
-            renewer: Some(renewer),
-            ctx,
-        })
+        *lock(&self.lease) = Some(claim.shared.clone());
+        Ok(claim)
     }
 
     async fn load(&self) -> Result<Option<Record>, SinkError> {
@@ -865,14 +852,10 @@ impl ConfigSink for Kubernetes {
     /// overwritten by someone else).
     async fn is_live(&self, record: &Record) -> Result<bool, SinkError> {
         let generation = record.generation.to_string();
-        Ok(self.get().await?.is_some_and(|object| {
-            object
-                .metadata
-                .annotations
-                .as_ref()
-                .and_then(|a| a.get(GENERATION_ANNOTATION))
-                == Some(&generation)
-        }))
+        Ok(self
+            .get()
+            .await?
+            .is_some_and(|o| annotation_is(&o, GENERATION_ANNOTATION, &generation)))
     }
 
     async fn save(&self, record: &Record) -> Result<(), SinkError> {
@@ -1240,6 +1223,11 @@ pub async fn claim_lease(
         renew_every: options.renew_every,
         timeout: options.request_timeout,
     };
+    hold_lease(ctx).await
+}
+
+/// Acquires the Lease `ctx` names and keeps renewing it in the background.
+async fn hold_lease(ctx: LeaseCtx) -> Result<LeaseClaim, SinkError> {
     let sent_at = Instant::now();
     let lease = ctx.acquire().await?;
     let shared = Arc::new(LeaseShared {
@@ -1255,6 +1243,17 @@ pub async fn claim_lease(
         renewer: Some(renewer),
         ctx,
     })
+}
+
+/// Whether `object` carries `annotation` with exactly `value` (how the sinks tell that an
+/// EnvoyFilter is still the one they wrote).
+pub fn annotation_is(object: &DynamicObject, annotation: &str, value: &str) -> bool {
+    object
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(annotation))
+        .is_some_and(|v| v == value)
 }
 
 /// Makes the process-wide TLS provider choice before a client is built by hand.
