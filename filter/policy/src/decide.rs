@@ -5,7 +5,8 @@
 //! except query-parameter decoding, which only happens for query conditions.
 
 use crate::bucket::{flagd_hash, fnv_position, HashKind};
-use crate::policy::{Action, Condition, MissingKey, Policy, Split, SplitKey, Subject, Test};
+use crate::index::subject_value;
+use crate::policy::{Action, Condition, MissingKey, Policy, Split, SplitKey, Test};
 
 /// The request as the policy sees it: the values of [`Policy::inputs`], by index.
 pub trait RequestInputs {
@@ -67,31 +68,30 @@ impl Policy {
         R: RequestInputs + ?Sized,
         F: FnOnce() -> u64,
     {
-        let mut last = LastParsed::default();
-        for (index, rule) in self.rules.iter().enumerate() {
-            if !rule.when.iter().all(|c| c.matches_with(request, &mut last)) {
-                continue;
-            }
-            return match &rule.action {
-                Action::Variant(variant) => Decision {
-                    variant: *variant,
-                    rule: Some(index),
+        let (index, rule) = match self.index.first_match(&self.rules, request) {
+            Some(found) => found,
+            None => {
+                return Decision {
+                    variant: 0,
+                    rule: None,
                     placement: None,
-                },
-                Action::Split(split) => {
-                    let (variant, placement) = split.place(request, random);
-                    Decision {
-                        variant,
-                        rule: Some(index),
-                        placement: Some(placement),
-                    }
                 }
-            };
-        }
-        Decision {
-            variant: 0,
-            rule: None,
-            placement: None,
+            }
+        };
+        match &rule.action {
+            Action::Variant(variant) => Decision {
+                variant: *variant,
+                rule: Some(index),
+                placement: None,
+            },
+            Action::Split(split) => {
+                let (variant, placement) = split.place(request, random);
+                Decision {
+                    variant,
+                    rule: Some(index),
+                    placement: Some(placement),
+                }
+            }
         }
     }
 }
@@ -137,69 +137,11 @@ impl Split {
     }
 }
 
-/// The cookie and the query parameter parsed last during one decision: consecutive
-/// conditions on the same name (many rules testing one cookie, say) parse it once. With
-/// 100 rules, parsing per condition made a decision 8.5 times dearer than the bench
-/// policy's (bench/costs); one entry per kind keeps the module small.
-#[derive(Default)]
-struct LastParsed<'p, 'r> {
-    cookie: Option<(&'p str, usize, Option<&'r [u8]>)>,
-    query: Option<(&'p str, usize, Option<Vec<u8>>)>,
-}
-
 impl Condition {
-    /// As [`matches`](Self::matches), reusing what `last` holds for the same name.
-    fn matches_with<'p, 'r, R: RequestInputs + ?Sized>(
-        &'p self,
-        request: &'r R,
-        last: &mut LastParsed<'p, 'r>,
-    ) -> bool {
-        match &self.subject {
-            Subject::Header(input) => self.test.check(request.input(*input)),
-            Subject::Cookie { name, input } => {
-                let value = match last.cookie {
-                    Some((n, i, value)) if i == *input && n == name => value,
-                    _ => {
-                        let value = request
-                            .input(*input)
-                            .and_then(|header| cookie_value(header, name.as_bytes()));
-                        last.cookie = Some((name, *input, value));
-                        value
-                    }
-                };
-                self.test.check(value)
-            }
-            Subject::Query { name, input } => {
-                let fresh = !matches!(&last.query, Some((n, i, _)) if *i == *input && n == name);
-                if fresh {
-                    let value = request
-                        .input(*input)
-                        .and_then(|path| query_value(path, name.as_bytes()));
-                    last.query = Some((name, *input, value));
-                }
-                self.test
-                    .check(last.query.as_ref().and_then(|(_, _, v)| v.as_deref()))
-            }
-        }
-    }
-
     /// True when the request satisfies this condition.
     pub fn matches<R: RequestInputs + ?Sized>(&self, request: &R) -> bool {
-        match &self.subject {
-            Subject::Header(input) => self.test.check(request.input(*input)),
-            Subject::Cookie { name, input } => {
-                let value = request
-                    .input(*input)
-                    .and_then(|header| cookie_value(header, name.as_bytes()));
-                self.test.check(value)
-            }
-            Subject::Query { name, input } => {
-                let value = request
-                    .input(*input)
-                    .and_then(|path| query_value(path, name.as_bytes()));
-                self.test.check(value.as_deref())
-            }
-        }
+        self.test
+            .check(subject_value(&self.subject, request).as_deref())
     }
 }
 
@@ -256,29 +198,48 @@ pub fn query_value(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
             Some(eq) => (&pair[..eq], &pair[eq + 1..]),
             None => (pair, &b""[..]),
         };
-        if raw_name.is_empty() || percent_decode(raw_name) != name {
+        if raw_name.is_empty() || !decodes_to(raw_name, name) {
             return None;
         }
         Some(percent_decode(raw_value))
     })
 }
 
+/// Whether `input` percent-decodes to `expected`, without building the decoded copy:
+/// every parameter's name is compared, and allocating each one cost a query rule most
+/// of its price (`make bench-costs`).
+fn decodes_to(input: &[u8], expected: &[u8]) -> bool {
+    let mut expected = expected.iter();
+    let mut i = 0;
+    while i < input.len() {
+        let (byte, used) = decode_at(input, i);
+        if expected.next() != Some(&byte) {
+            return false;
+        }
+        i += used;
+    }
+    expected.next().is_none()
+}
+
+/// The byte that `input[i..]` decodes to, and how many input bytes it takes.
+fn decode_at(input: &[u8], i: usize) -> (u8, usize) {
+    match input[i] {
+        b'+' => (b' ', 1),
+        b'%' if i + 2 < input.len() => match (hex(input[i + 1]), hex(input[i + 2])) {
+            (Some(hi), Some(lo)) => (hi << 4 | lo, 3),
+            _ => (b'%', 1),
+        },
+        b => (b, 1),
+    }
+}
+
 fn percent_decode(input: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(input.len());
     let mut i = 0;
     while i < input.len() {
-        match input[i] {
-            b'+' => out.push(b' '),
-            b'%' if i + 2 < input.len() => match (hex(input[i + 1]), hex(input[i + 2])) {
-                (Some(hi), Some(lo)) => {
-                    out.push(hi << 4 | lo);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            b => out.push(b),
-        }
-        i += 1;
+        let (byte, used) = decode_at(input, i);
+        out.push(byte);
+        i += used;
     }
     out
 }

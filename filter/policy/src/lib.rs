@@ -15,6 +15,7 @@ pub mod decide;
 pub mod envoy;
 pub mod error;
 pub mod headers;
+pub mod index;
 pub mod mirror;
 pub mod policy;
 pub mod walk;
