@@ -12,7 +12,6 @@
 //! value per call), so they are recorded at once.
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::time::Duration;
 
 use meshcanary_policy::Policy;
@@ -49,20 +48,28 @@ thread_local! {
     /// id (and keeps a new entry) for every `define_metric` call, even for a name it knows:
     /// defining the policy's metrics again at every reconfiguration grew Envoy's memory by
     /// about 7 KiB per policy update (`make soak`). So each name is defined once per VM.
+    // (A list, not a hash map: it is searched only when a policy is configured, and one
+    // more hash map type costs the module about 2 KB.)
     #[allow(clippy::declare_interior_mutable_const)]
-    static DEFINED: RefCell<HashMap<String, u32>> = RefCell::new(HashMap::new());
+    static DEFINED: RefCell<Vec<(String, u32)>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Envoy's id for metric `name`, defining it on first use in this VM.
 fn define(kind: MetricType, name: &str) -> Option<u32> {
-    let known = DEFINED.with(|defined| defined.try_borrow().ok()?.get(name).copied());
+    let known = DEFINED.with(|defined| {
+        let defined = defined.try_borrow().ok()?;
+        defined
+            .iter()
+            .find(|(known, _)| known == name)
+            .map(|(_, id)| *id)
+    });
     if known.is_some() {
         return known;
     }
     let id = host::define_metric(kind, name)?;
     DEFINED.with(|defined| {
         if let Ok(mut defined) = defined.try_borrow_mut() {
-            defined.insert(name.to_string(), id);
+            defined.push((name.to_string(), id));
         }
     });
     Some(id)

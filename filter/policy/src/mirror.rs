@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use crate::bucket::fnv_position;
 use crate::decide::RequestInputs;
-use crate::policy::{is_token_byte, join, kind, Condition, Decoder, SplitKey};
+use crate::policy::{is_token_byte, join, kind, shown, Condition, Decoder, SplitKey};
 
 /// Credential headers that never reach the shadow, whatever the policy says.
 pub const ALWAYS_STRIPPED: [&str; 4] = [
@@ -312,7 +312,7 @@ impl Decoder {
                 _ => {
                     self.error(
                         &join(path, "percent"),
-                        format!("expected a number from 0 to 100, found {}", v),
+                        format!("expected a number from 0 to 100, found {}", shown(v)),
                     );
                     None
                 }
@@ -423,7 +423,12 @@ impl Decoder {
                 _ => {
                     self.error(
                         &join(path, field),
-                        format!("expected an integer from {} to {}, found {}", min, max, v),
+                        format!(
+                            "expected an integer from {} to {}, found {}",
+                            min,
+                            max,
+                            shown(v)
+                        ),
                     );
                     None
                 }
