@@ -13,7 +13,9 @@
 //!
 //! The rules left are tried in order, every condition checked on the values already
 //! read, so the first that holds is the first the ordered scan would find
-//! (`decision.rs` and the `policy_json` fuzz target compare the two).
+//! (`tests/rule_index.rs` and the `policy_json` fuzz target compare the two). A policy
+//! of a few rules skips the narrowing: trying them in order on the values read is
+//! cheaper than combining the rule sets.
 
 use std::borrow::Cow;
 
@@ -44,6 +46,10 @@ pub struct RuleIndex {
     /// Words per rule set.
     words: usize,
 }
+
+/// Policies with at most this many rules are tried rule by rule, on the part values read
+/// once; longer ones are narrowed down by the rule sets first.
+const TRY_IN_ORDER_UP_TO: usize = 8;
 
 /// Which of a part's three rule sets.
 const IF_ABSENT: usize = 0;
@@ -168,6 +174,14 @@ impl RuleIndex {
         rules: &'p [Rule],
         values: &[Option<Cow<[u8]>>],
     ) -> Option<(usize, &'p Rule)> {
+        // A short policy is cheaper to try rule by rule than to narrow down: the rule
+        // sets cost a few hundred instructions a decision (`make bench-costs`).
+        if rules.len() <= TRY_IN_ORDER_UP_TO {
+            return rules
+                .iter()
+                .enumerate()
+                .find(|(rule, found)| self.holds(*rule, found, values));
+        }
         // Up to 256 rules on the stack: a heap allocation per decision is a cost every
         // request would pay.
         let mut on_stack = [!0u64; 4];
@@ -204,23 +218,29 @@ impl RuleIndex {
             while bits != 0 {
                 let rule = word * 64 + bits.trailing_zeros() as usize;
                 bits &= bits - 1;
-                let (start, found) = match (self.starts.get(rule), rules.get(rule)) {
-                    (Some(start), Some(found)) => (*start, found),
-                    // Past the last rule: the last word's spare bits.
-                    _ => return None,
-                };
-                let slots = self.slots.get(start..).unwrap_or_default();
-                let holds = found.when.iter().zip(slots).all(|(condition, slot)| {
-                    condition
-                        .test
-                        .check(values.get(*slot).and_then(|v| v.as_deref()))
-                });
+                // None past the last rule: the last word's spare bits.
+                let found = rules.get(rule)?;
+                let holds = self.holds(rule, found, values);
                 if holds {
                     return Some((rule, found));
                 }
             }
         }
         None
+    }
+}
+
+impl RuleIndex {
+    /// Whether every condition of `rule` (number `index`) holds for these part values.
+    fn holds(&self, index: usize, rule: &Rule, values: &[Option<Cow<[u8]>>]) -> bool {
+        let start = self.starts.get(index).copied().unwrap_or(usize::MAX);
+        let slots = self.slots.get(start..).unwrap_or_default();
+        rule.when.len() <= slots.len()
+            && rule.when.iter().zip(slots).all(|(condition, slot)| {
+                condition
+                    .test
+                    .check(values.get(*slot).and_then(|v| v.as_deref()))
+            })
     }
 }
 

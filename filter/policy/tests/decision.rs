@@ -812,3 +812,65 @@ fn many_rules_on_the_same_cookies_and_query_parameters_decide_as_each_rule_alone
     assert_eq!(rule_of("tenant=t0", "/?tenant=t1"), Some(0));
     assert_eq!(rule_of("tenant=zz", "/?tenant=t1"), Some(1));
 }
+
+/// `cookie_value` as first written (split at every ';', trim each pair, split it at its
+/// first '=', trim both sides): the one-pass parser must agree with it.
+fn cookie_value_reference<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
+    fn trim(mut s: &[u8]) -> &[u8] {
+        while let [b' ' | b'\t', rest @ ..] = s {
+            s = rest;
+        }
+        while let [rest @ .., b' ' | b'\t'] = s {
+            s = rest;
+        }
+        s
+    }
+    header.split(|b| *b == b';').find_map(|pair| {
+        let pair = trim(pair);
+        let eq = pair.iter().position(|b| *b == b'=')?;
+        if trim(&pair[..eq]) != name {
+            return None;
+        }
+        let value = trim(&pair[eq + 1..]);
+        Some(
+            value
+                .strip_prefix(b"\"")
+                .and_then(|v| v.strip_suffix(b"\""))
+                .unwrap_or(value),
+        )
+    })
+}
+
+#[test]
+fn cookie_parser_agrees_with_the_split_and_trim_reference() {
+    // Headers drawn from the bytes that matter to the parser, and names that occur in
+    // them, prefix one another, or not at all.
+    const ALPHABET: &[u8] = b" \t;=\"abpl";
+    let names: [&[u8]; 5] = [b"a", b"ab", b"b", b"pl", b"plan"];
+    let mut state: u64 = 7;
+    let mut next = move || {
+        state = state
+            .wrapping_mul(6_364_136_223_846_793_005)
+            .wrapping_add(1_442_695_040_888_963_407);
+        (state >> 33) as usize
+    };
+    let mut matched = 0;
+    for _ in 0..50_000 {
+        let len = next() % 24;
+        let header: Vec<u8> = (0..len)
+            .map(|_| ALPHABET[next() % ALPHABET.len()])
+            .collect();
+        for name in names {
+            let expected = cookie_value_reference(&header, name);
+            assert_eq!(
+                cookie_value(&header, name),
+                expected,
+                "header {:?}, name {:?}",
+                String::from_utf8_lossy(&header),
+                String::from_utf8_lossy(name)
+            );
+            matched += usize::from(expected.is_some());
+        }
+    }
+    assert!(matched > 2_000, "too few headers held a name: {matched}");
+}
