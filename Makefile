@@ -16,6 +16,9 @@
 #                  module under an interpreter, instructions and host calls per request for
 #                  each rule kind, the bench mix and grown policies, checked against
 #                  bench/costs/baseline.json (seconds; the check also runs in make test)
+#   make bench-instructions  Envoy's instructions per request for rows 1–5, counted by
+#                  valgrind (callgrind) in a fresh Envoy per row and round: a ratio the
+#                  machine's load does not move; target/bench/instructions.json (~10 minutes)
 #   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
 #                  checks they work (in make test)
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
@@ -72,7 +75,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
+.PHONY: bench-costs bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -276,6 +279,18 @@ wrk:
 	    echo "wrk: run 'sudo apt-get install wrk'" >&2; exit 1; \
 	fi
 
+# valgrind (Debian package, callgrind_control included), for `make bench-instructions`;
+# installed only when missing.
+valgrind:
+	@if command -v valgrind >/dev/null 2>&1 && command -v callgrind_control >/dev/null 2>&1; then \
+	    exit 0; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	    echo "valgrind: installing the Debian package"; \
+	    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq valgrind >/dev/null; \
+	else \
+	    echo "valgrind: run 'sudo apt-get install valgrind'" >&2; exit 1; \
+	fi
+
 # Everything the bench measures: Envoy, wrk, the filter, the empty filter and the probe
 # (target/wasm/bench_empty.wasm and bench_probe.wasm, built from filter/bench-empty and
 # filter/bench-probe by the same toolchain).
@@ -294,6 +309,13 @@ bench: bench-deps
 bench-host-calls: bench-deps
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench --host-calls
+
+# Envoy's instructions per request for the throughput rows, each in a fresh Envoy under
+# valgrind's callgrind: counts the machine's load does not move (see
+# tests/src/bin/meshcanary-bench/instructions.rs); target/bench/instructions.json.
+bench-instructions: bench-deps valgrind
+	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
+	./target/release/meshcanary-bench --instructions $(BENCH_INSTRUCTIONS_ARGS)
 
 # bench/costs (crate meshcanary-costs): the real module under the wasmi interpreter with
 # fuel metering and stub host functions, driven through Envoy's callbacks. Deterministic,

@@ -270,13 +270,43 @@ impl Envoy {
         file_name: &str,
         concurrency: u32,
     ) -> Result<Envoy, String> {
+        Self::start_under(
+            &[],
+            contents,
+            file_name,
+            concurrency,
+            Duration::from_secs(30),
+        )
+        .await
+    }
+
+    /// As [`start_with_file`](Self::start_with_file), with Envoy run by `wrapper` (a
+    /// command and its arguments, Envoy's command line appended: `valgrind
+    /// --tool=callgrind …`), which may take up to `ready_within` to get it ready. The
+    /// wrapper must run Envoy in its own process (as valgrind does): [`pid`](Self::pid)
+    /// is the wrapper's.
+    pub async fn start_under(
+        wrapper: &[String],
+        contents: &str,
+        file_name: &str,
+        concurrency: u32,
+        ready_within: Duration,
+    ) -> Result<Envoy, String> {
         let dir = tempfile::tempdir().expect("temp dir");
         let config_path = dir.path().join(file_name);
         std::fs::write(&config_path, contents).expect("write config");
         let admin_path = dir.path().join("admin-address");
         let log_path = dir.path().join("envoy.log");
         let log = std::fs::File::create(&log_path).expect("log file");
-        let mut child = Command::new(paths::envoy())
+        let mut command = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut command = Command::new(program);
+                command.args(args).arg(paths::envoy());
+                command
+            }
+            None => Command::new(paths::envoy()),
+        };
+        let mut child = command
             .arg("-c")
             .arg(&config_path)
             .arg("--concurrency")
@@ -295,7 +325,7 @@ impl Envoy {
             .pool_max_idle_per_host(64)
             .build()
             .expect("http client");
-        let deadline = Instant::now() + Duration::from_secs(30);
+        let deadline = Instant::now() + ready_within;
         let read_log = || std::fs::read_to_string(&log_path).unwrap_or_default();
         let admin = loop {
             if let Ok(Some(status)) = child.try_wait() {

@@ -43,6 +43,28 @@ const CALLS: [(&str, &str); 9] = [
     ("clock", "read the host clock"),
 ];
 
+/// One probe configuration per call kind, `REPEAT` calls a request.
+pub fn probes(probe_wasm: &Path) -> Vec<Setup> {
+    // Nothing is routed upstream: the clusters only have to exist.
+    let nowhere = SocketAddr::from(([127, 0, 0, 1], 9));
+    let addrs = Addresses {
+        primary: nowhere,
+        fast_shadow: nowhere,
+        slow_shadow: nowhere,
+    };
+    CALLS
+        .iter()
+        .map(|(call, what)| Setup {
+            id: (*call).into(),
+            row: (*call).into(),
+            title: (*what).into(),
+            family: Family::Throughput,
+            bootstrap: setups::probe(&addrs, probe_wasm, &format!("{call} {REPEAT}")),
+            baseline: "none".into(),
+        })
+        .collect()
+}
+
 /// Runs the probes and prints the table; writes the JSON record to `plan.out`.
 pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), String> {
     if !probe_wasm.is_file() {
@@ -58,24 +80,7 @@ pub async fn run(plan: &Plan, probe_wasm: &Path, script: &Path) -> Result<(), St
         plan.duration.as_secs(),
         REPEAT
     );
-    // Nothing is routed upstream: the clusters only have to exist.
-    let nowhere = SocketAddr::from(([127, 0, 0, 1], 9));
-    let addrs = Addresses {
-        primary: nowhere,
-        fast_shadow: nowhere,
-        slow_shadow: nowhere,
-    };
-    let probes = CALLS
-        .iter()
-        .map(|(call, what)| Setup {
-            id: (*call).into(),
-            row: (*call).into(),
-            title: (*what).into(),
-            family: Family::Throughput,
-            bootstrap: setups::probe(&addrs, probe_wasm, &format!("{call} {REPEAT}")),
-            baseline: "none".into(),
-        })
-        .collect();
+    let probes = probes(probe_wasm);
     let measured = crate::alternate(plan, script, probes, Instant::now()).await?;
     for m in &measured {
         for (round, run) in m.runs.iter().enumerate() {

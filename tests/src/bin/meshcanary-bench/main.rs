@@ -4,6 +4,8 @@
 //! meshcanary-bench                 # the full run: prints the tables, writes target/bench/results.json
 //! meshcanary-bench --smoke         # tiny durations; only checks that every row produced numbers
 //! meshcanary-bench --host-calls    # what each kind of host call costs: target/bench/host-calls.json
+//! meshcanary-bench --instructions  # Envoy's instructions per request under valgrind (callgrind):
+//!                                  # target/bench/instructions.json
 //! ```
 //!
 //! One Envoy per configuration (one worker each) is started up front, then every round
@@ -15,6 +17,7 @@
 //! count and time.
 
 mod host_calls;
+mod instructions;
 mod micro;
 mod report;
 mod setups;
@@ -46,7 +49,24 @@ struct Args {
     /// (`filter/bench-probe`, see `host_calls.rs`).
     #[arg(long)]
     host_calls: bool,
-    /// Rounds (each runs every configuration once), 1–20. Default 5 (smoke: 1).
+    /// Instead of the main run: Envoy's instructions per request for the throughput
+    /// rows, counted by valgrind's callgrind (see `instructions.rs`); a measurement the
+    /// machine's load does not move. Writes target/bench/instructions.json.
+    #[arg(long)]
+    instructions: bool,
+    /// With --instructions: requests counted per row and round, 100–100,000 (default
+    /// 2,000; smoke 100), after as many again of warm-up.
+    #[arg(long)]
+    requests: Option<usize>,
+    /// With --instructions: only these rows (comma-separated labels: `2,3`).
+    #[arg(long, value_delimiter = ',')]
+    rows: Vec<String>,
+    /// With --instructions: keep each callgrind dump in this folder
+    /// (`row-<row>.round-<n>.callgrind`), for `callgrind_annotate`.
+    #[arg(long)]
+    keep_dumps: Option<PathBuf>,
+    /// Rounds (each runs every configuration once), 1–20. Default 5 (smoke: 1;
+    /// --instructions: 2).
     #[arg(long)]
     rounds: Option<u32>,
     /// Seconds per wrk run, 1–30. Default 3, with --host-calls 2 (smoke: 1).
@@ -98,6 +118,12 @@ struct Plan {
     probe_wasm: PathBuf,
     /// Instead of the main run, `--host-calls`.
     host_calls: bool,
+    /// Instead of the main run, `--instructions`, with this many requests counted.
+    instructions: Option<usize>,
+    /// With `--instructions`: where to keep the callgrind dumps.
+    keep_dumps: Option<PathBuf>,
+    /// With `--instructions`: the rows counted (empty: every throughput row).
+    rows: Vec<String>,
     /// Instead of the main run, `--compare`: the modules to compare.
     compare: Vec<PathBuf>,
     out: PathBuf,
@@ -105,7 +131,19 @@ struct Plan {
 
 impl Plan {
     fn from_args(args: Args) -> Result<Plan, String> {
-        let rounds = args.rounds.unwrap_or(if args.smoke { 1 } else { 5 });
+        let rounds = args
+            .rounds
+            .unwrap_or(match (args.smoke, args.instructions) {
+                (true, _) => 1,
+                (false, true) => 2,
+                (false, false) => 5,
+            });
+        let requests = args
+            .requests
+            .unwrap_or(if args.smoke { 100 } else { 2_000 });
+        if !(100..=100_000).contains(&requests) {
+            return Err(format!("--requests {requests}: expected 100–100,000"));
+        }
         let full_duration_s = if args.host_calls { 2 } else { 3 };
         let duration_s = args
             .duration_s
@@ -134,6 +172,8 @@ impl Plan {
         let out = args.out.unwrap_or_else(|| {
             PathBuf::from(if args.host_calls {
                 "target/bench/host-calls.json"
+            } else if args.instructions {
+                "target/bench/instructions.json"
             } else if !args.compare.is_empty() {
                 "target/bench/compare.json"
             } else {
@@ -167,6 +207,9 @@ impl Plan {
                 .unwrap_or_else(|| paths::repo().join("target/wasm/bench_empty.wasm")),
             probe_wasm,
             host_calls: args.host_calls,
+            instructions: args.instructions.then_some(requests),
+            keep_dumps: args.keep_dumps,
+            rows: args.rows,
             compare: args.compare,
             out,
         })
@@ -204,6 +247,9 @@ async fn run(plan: &Plan) -> Result<(), String> {
     let script = bench_dir.path().join("requests.lua");
     std::fs::write(&script, include_str!("requests.lua"))
         .map_err(|e| format!("cannot write {}: {e}", script.display()))?;
+    if let Some(requests) = plan.instructions {
+        return count_instructions(plan, requests).await;
+    }
     if plan.host_calls {
         return host_calls::run(plan, &plan.probe_wasm, &script).await;
     }
@@ -512,6 +558,68 @@ fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
         )),
         None => Ok(()),
     }
+}
+
+/// `--instructions`: the throughput rows under callgrind, and their table.
+async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> {
+    println!(
+        "meshcanary bench --instructions: {} round(s); per row and round a fresh Envoy under valgrind --tool=callgrind, {requests} requests of the bench mix counted after {requests} of warm-up, one at a time on one connection",
+        plan.rounds
+    );
+    // The throughput rows answer by themselves; the upstream addresses are never used.
+    let unused: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+    let addrs = Addresses {
+        primary: unused,
+        fast_shadow: unused,
+        slow_shadow: unused,
+    };
+    // With --host-calls: the probes, one kind of call 20 times a request each; with
+    // --compare: row 3 once per module, next to the empty filter.
+    let (all, baseline, calls) = if plan.host_calls {
+        (
+            host_calls::probes(&plan.probe_wasm),
+            "none",
+            host_calls::REPEAT,
+        )
+    } else if !plan.compare.is_empty() {
+        (
+            instructions::rows(setups::compare(&addrs, &plan.empty_wasm, &plan.compare)),
+            "empty_wasm",
+            1,
+        )
+    } else {
+        (
+            instructions::rows(setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)),
+            "empty_wasm",
+            1,
+        )
+    };
+    let rows: Vec<Setup> = all
+        .into_iter()
+        .filter(|s| plan.rows.is_empty() || plan.rows.contains(&s.row))
+        .collect();
+    if rows.is_empty() {
+        return Err(format!(
+            "--rows {}: no such throughput row",
+            plan.rows.join(",")
+        ));
+    }
+    let counted = instructions::count(
+        rows,
+        plan.rounds,
+        requests,
+        requests,
+        plan.keep_dumps.as_deref(),
+    )
+    .await?;
+    print!(
+        "\n{}",
+        report::instructions_table(&counted, baseline, calls)
+    );
+    let record = instructions::record(&counted, requests, requests);
+    report::write_json(&plan.out, &record)?;
+    println!("\nResults written to {}", plan.out.display());
+    Ok(())
 }
 
 /// Runs the rounds: every configuration once per round, in order. Each measurement gets

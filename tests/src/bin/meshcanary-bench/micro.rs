@@ -146,10 +146,10 @@ enum Expect {
 }
 
 /// Request headers as (lower-case name, value).
-type Headers = Vec<(&'static str, String)>;
+pub type Headers = Vec<(&'static str, String)>;
 
 /// Request `i` of `requests.lua`'s mix (same formulas; keep them in step).
-fn wrk_mix(i: usize) -> Headers {
+pub fn wrk_mix(i: usize) -> Headers {
     let kind = i % 20;
     let plan = if kind == 1 || kind == 2 {
         "beta"

@@ -56,6 +56,71 @@ impl Spread {
     }
 }
 
+/// The `--instructions` table: per row, Envoy's instructions per request, and what each
+/// row does over the baseline row (`baseline`: the empty filter, or the probe making no
+/// call) and per it, round by round. With `calls` > 1 (the host-call probes), the extra
+/// instructions are also given per call.
+pub fn instructions_table(
+    counted: &[crate::instructions::Counted],
+    baseline: &str,
+    calls: u32,
+) -> String {
+    let empty = counted.iter().find(|c| c.setup.id == baseline);
+    let base_row = empty.map_or("?", |e| e.setup.row.as_str());
+    let mut out = format!(
+        "| row | configuration | Envoy instructions per request | over row {base_row} |{} × row {base_row} | row {base_row} ÷ row (requests/s bound) |\n|---|---|---|---|{}---|---|\n",
+        if calls > 1 { " per call |" } else { "" },
+        if calls > 1 { "---|" } else { "" },
+    );
+    for c in counted {
+        let per_round = |f: &dyn Fn(f64, f64) -> f64| -> Option<Spread> {
+            let e = empty?;
+            let values: Vec<f64> = c
+                .per_request
+                .iter()
+                .zip(&e.per_request)
+                .map(|(row, empty)| f(*row, *empty))
+                .collect();
+            Some(Spread::of(&values))
+        };
+        // Without the baseline row (left out with --rows) there is nothing to compare.
+        let or_dash = |cell: Option<String>| cell.unwrap_or_else(|| "—".to_string());
+        let per_call = if calls > 1 {
+            let n = f64::from(calls);
+            format!(
+                " {} |",
+                or_dash(per_round(&|row, empty| (row - empty) / n).map(signed))
+            )
+        } else {
+            String::new()
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} |{} {} | {} |\n",
+            c.setup.row,
+            c.setup.title,
+            Spread::of(&c.per_request).cell(0),
+            or_dash(per_round(&|row, empty| row - empty).map(signed)),
+            per_call,
+            or_dash(per_round(&|row, empty| row / empty).map(|s| s.cell(3))),
+            or_dash(per_round(&|row, empty| empty / row).map(|s| s.cell(3))),
+        ));
+    }
+    out
+}
+
+/// A spread of differences, each with its sign.
+fn signed(spread: Spread) -> String {
+    let f = |v: f64| {
+        let text = thousands(v.abs().round() as u64);
+        if v < -0.5 {
+            format!("−{text}")
+        } else {
+            format!("+{text}")
+        }
+    };
+    format!("{} ({}–{})", f(spread.median), f(spread.min), f(spread.max))
+}
+
 /// Writes `value` as pretty JSON to `path`, creating its directory.
 pub fn write_json(path: &std::path::Path, value: &Value) -> Result<(), String> {
     if let Some(dir) = path.parent() {
