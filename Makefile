@@ -19,8 +19,8 @@
 #   make bench-instructions  Envoy's instructions per request for rows 1–5, counted by
 #                  valgrind (callgrind) in a fresh Envoy per row and round: a ratio the
 #                  machine's load does not move; target/bench/instructions.json (~10 minutes)
-#   make bench-smoke  all three modes (main, host calls, --compare) with tiny durations:
-#                  checks they work (in make test)
+#   make bench-smoke  every mode (main, host calls, --compare, and --instructions for
+#                  row 3) with tiny durations: checks they work (in make test)
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
 #                  a policy update a second and a misbehaving shadow: no failed request,
 #                  no memory growth, every request and copy counted (target/soak/report.json)
@@ -328,11 +328,12 @@ bench-costs: wasm
 
 # Smoke mode: one 1-second round per configuration; fails unless every row produced
 # numbers and the JSON was written. Debug build, like the other tests.
-bench-smoke: bench-deps
+bench-smoke: bench-deps valgrind
 	$(CARGO) build --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
 	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json
+	./target/debug/meshcanary-bench --instructions --rows 3 --smoke --out target/bench/instructions-smoke.json
 
 ## --- fuzz ------------------------------------------------------------------
 

@@ -296,11 +296,21 @@ impl HttpContext for RoutingStream {
             None
         };
         // Below `WHOLE_MAP_FROM_INPUTS` (two) inputs there is at most one, read by
-        // itself and owned here; `inputs` borrows it or the map.
+        // itself and owned here; `inputs` borrows it or the map. Up to eight inputs live
+        // on the stack, so that a request allocates nothing for them.
         let only: Option<Vec<u8>>;
-        let inputs: Vec<Option<&[u8]>> = match &map {
-            Some(map) => map.select(&policy.inputs),
-            None if configured.read_whole_map => vec![None; policy.inputs.len()],
+        let mut on_stack: [Option<&[u8]>; 8] = [None; 8];
+        let mut on_heap: Vec<Option<&[u8]>> = Vec::new();
+        let inputs: &mut [Option<&[u8]>] = match on_stack.get_mut(..policy.inputs.len()) {
+            Some(inputs) => inputs,
+            None => {
+                on_heap.resize(policy.inputs.len(), None);
+                &mut on_heap
+            }
+        };
+        match &map {
+            Some(map) => map.select_into(&policy.inputs, inputs),
+            None if configured.read_whole_map => {}
             None => {
                 only = policy.inputs.first().and_then(|name| {
                     host::request_header(name).unwrap_or_else(|_| {
@@ -308,11 +318,14 @@ impl HttpContext for RoutingStream {
                         None
                     })
                 });
-                policy.inputs.iter().map(|_| only.as_deref()).collect()
+                if let Some(first) = inputs.first_mut() {
+                    *first = only.as_deref();
+                }
             }
-        };
+        }
+        let inputs: &[Option<&[u8]>] = inputs;
         // Routing comes first, so a copy carries the primary's decision header too.
-        let decision = policy.decide(inputs.as_slice(), || configured.next_random());
+        let decision = policy.decide(inputs, || configured.next_random());
         let variant = &policy.variants[decision.variant];
         // Replaces any value the client sent: the header is ours to set. Envoy clears the
         // route cache on this change for modules of ABI 0.2.1 (every proxy-wasm 0.2.x SDK,
@@ -325,7 +338,7 @@ impl HttpContext for RoutingStream {
         self.decided = Some(decision.variant);
 
         let marker = configured.shadow.as_ref().map_or(Marker::Absent, |s| {
-            s.mirror.marker(inputs.as_slice(), s.copy_token.as_bytes())
+            s.mirror.marker(inputs, s.copy_token.as_bytes())
         });
         // Only this proxy's own copies are left out of the counts: a marker anyone can set
         // must not hide live requests from the analysis.
@@ -343,7 +356,7 @@ impl HttpContext for RoutingStream {
             }
             match shadow
                 .mirror
-                .choose(inputs.as_slice(), marker, || configured.next_random())
+                .choose(inputs, marker, || configured.next_random())
             {
                 MirrorChoice::Send => {
                     let decision = (policy.decision_header.as_str(), variant.as_str());

@@ -48,7 +48,14 @@ impl HeaderMap {
     /// once per name, and decoding a pair is most of what a lookup costs.
     pub fn select<N: AsRef<str>>(&self, names: &[N]) -> Vec<Option<&[u8]>> {
         let mut found: Vec<Option<&[u8]>> = vec![None; names.len()];
-        let mut missing = names.len();
+        self.select_into(names, &mut found);
+        found
+    }
+
+    /// As [`select`](Self::select), into `found` (aligned with `names`, all `None`): the
+    /// filter passes a buffer on its stack, so a request allocates nothing for it.
+    pub fn select_into<'m, N: AsRef<str>>(&'m self, names: &[N], found: &mut [Option<&'m [u8]>]) {
+        let mut missing = names.len().min(found.len());
         for (name, value) in self.pairs() {
             if missing == 0 {
                 break;
@@ -60,7 +67,6 @@ impl HeaderMap {
                 }
             }
         }
-        found
     }
 }
 
