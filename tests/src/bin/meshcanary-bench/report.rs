@@ -188,13 +188,23 @@ impl Measured {
     /// Per-round ratio of this configuration's `metric` to `other`'s, measured in the
     /// same round (neighbours in time, so machine drift mostly cancels).
     pub fn ratio(&self, other: &Measured, metric: impl Fn(&Run) -> f64) -> Spread {
-        let ratios: Vec<f64> = self
+        self.per_round_with(other, |a, b| metric(a) / metric(b))
+    }
+
+    /// Per-round difference of this configuration's `metric` and `other`'s.
+    pub fn difference(&self, other: &Measured, metric: impl Fn(&Run) -> f64) -> Spread {
+        self.per_round_with(other, |a, b| metric(a) - metric(b))
+    }
+
+    /// `combine` of this configuration's run and `other`'s, round by round.
+    pub fn per_round_with(&self, other: &Measured, combine: impl Fn(&Run, &Run) -> f64) -> Spread {
+        let values: Vec<f64> = self
             .runs
             .iter()
             .zip(&other.runs)
-            .map(|(a, b)| metric(a) / metric(b))
+            .map(|(a, b)| combine(a, b))
             .collect();
-        Spread::of(&ratios)
+        Spread::of(&values)
     }
 }
 
