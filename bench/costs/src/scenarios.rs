@@ -205,6 +205,12 @@ pub fn all() -> Vec<Scenario> {
             requests: bench_mix(),
         },
         Scenario {
+            id: "rules_100_same_inputs",
+            title: "100 rules on the bench policy's own inputs: 96 that never match, then its 4",
+            policy: rules_100_same_inputs(),
+            requests: bench_mix(),
+        },
+        Scenario {
             id: "variants_50",
             title: "50 variants: the bench rules, split over 50",
             policy: variants_50(),
@@ -228,6 +234,28 @@ fn rules_100() -> Value {
                 0 => json!([{"header": "x-tenant", "equals": format!("tenant-{i}")}]),
                 1 => json!([{"cookie": "tenant", "equals": format!("tenant-{i}")}]),
                 _ => json!([{"query": "tenant", "prefix": format!("tenant-{i}")}]),
+            };
+            json!({"name": format!("tenant-{i}"), "when": when, "variant": "canary"})
+        })
+        .collect();
+    rules.extend(bench_rules().as_array().cloned().unwrap_or_default());
+    let mut policy = bench_policy();
+    policy["rules"] = Value::Array(rules);
+    policy
+}
+
+/// 96 rules on the headers and cookie the bench policy reads (`x-canary`, `x-user-id`,
+/// the `plan` cookie), with values the mix never sends, then the bench policy's rules:
+/// what the rules themselves cost, when no new part of the request has to be read.
+fn rules_100_same_inputs() -> Value {
+    let mut rules: Vec<Value> = (0..96)
+        .map(|i| {
+            let when = match i % 3 {
+                0 => json!([{"header": "x-canary", "equals": format!("tenant-{i}")}]),
+                1 => {
+                    json!([{"cookie": "plan", "in": [format!("tenant-{i}"), format!("team-{i}")]}])
+                }
+                _ => json!([{"header": "x-user-id", "prefix": format!("tenant-{i}-")}]),
             };
             json!({"name": format!("tenant-{i}"), "when": when, "variant": "canary"})
         })
