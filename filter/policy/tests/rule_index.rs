@@ -86,13 +86,22 @@ fn request(draws: &mut Draws, policy: &Policy) -> Vec<Option<Vec<u8>>> {
         .collect()
 }
 
+/// Some of the names with values; a name may come twice (the first pair counts), and
+/// cookie pairs may be set apart by more or less white space.
 fn pairs(draws: &mut Draws, separator: &str) -> String {
     let mut pairs = Vec::new();
-    for name in NAMES {
-        if draws.below(2) == 0 {
-            pairs.push(format!("{name}={}", draws.pick(VALUES).replace(' ', "+")));
+    for _ in 0..2 {
+        for name in NAMES {
+            if draws.below(3) == 0 {
+                pairs.push(format!("{name}={}", draws.pick(VALUES).replace(' ', "+")));
+            }
         }
     }
+    let separator = match (separator, draws.below(3)) {
+        ("; ", 0) => ";",
+        ("; ", 1) => " ;  ",
+        _ => separator,
+    };
     pairs.join(separator)
 }
 
