@@ -19,8 +19,11 @@
 #   make bench-instructions  Envoy's instructions per request for rows 1–5, counted by
 #                  valgrind (callgrind) in a fresh Envoy per row and round: a ratio the
 #                  machine's load does not move; target/bench/instructions.json (~10 minutes)
+#   make bench-growth  the grown policies of bench-costs, each counted like row 3 in
+#                  Envoy under callgrind: their cost per request × the bench policy's
+#                  (target/bench/growth.json, ~8 minutes)
 #   make bench-smoke  every mode (main, host calls, --compare, and --instructions for
-#                  row 3) with tiny durations: checks they work (in make test)
+#                  row 3 and a grown policy) with tiny durations: checks they work (in make test)
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
 #                  a policy update a second and a misbehaving shadow: no failed request,
 #                  no memory growth, every request and copy counted (target/soak/report.json)
@@ -75,7 +78,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
+.PHONY: bench-costs bench-growth bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -317,6 +320,16 @@ bench-instructions: bench-deps valgrind
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench --instructions $(BENCH_INSTRUCTIONS_ARGS)
 
+# The grown policies of bench/costs (100 rules, 50 variants, 1,000 `in` values), each as
+# row 3's policy in Envoy under callgrind, next to row 3 with the bench policy: what a
+# longer policy costs Envoy per request (target/bench/growth.json, ~8 minutes).
+GROWTH_POLICIES := target/bench/policies/rules_100.json,target/bench/policies/rules_100_same_inputs.json,target/bench/policies/variants_50.json,target/bench/policies/in_1000.json
+bench-growth: bench-deps valgrind
+	$(CARGO) build --release --locked -p meshcanary-costs -p meshcanary-e2e --bin meshcanary-costs --bin meshcanary-bench
+	./target/release/meshcanary-costs --write-policies target/bench/policies
+	./target/release/meshcanary-bench --instructions --rounds 1 --requests 1000 --out target/bench/growth.json \
+	  --policies $(GROWTH_POLICIES) $(BENCH_GROWTH_ARGS)
+
 # bench/costs (crate meshcanary-costs): the real module under the wasmi interpreter with
 # fuel metering and stub host functions, driven through Envoy's callbacks. Deterministic,
 # so it guards every commit: its test (bench/costs/tests/baseline.rs) runs in `make test`
@@ -334,6 +347,10 @@ bench-smoke: bench-deps valgrind
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
 	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json
 	./target/debug/meshcanary-bench --instructions --rows 3 --smoke --out target/bench/instructions-smoke.json
+	$(CARGO) build --locked -p meshcanary-costs --bin meshcanary-costs
+	./target/debug/meshcanary-costs --write-policies target/bench/policies
+	./target/debug/meshcanary-bench --instructions --rows 3p.1 --policies target/bench/policies/rules_100.json \
+	  --smoke --out target/bench/growth-smoke.json
 
 ## --- fuzz ------------------------------------------------------------------
 

@@ -225,6 +225,14 @@ pub fn all() -> Vec<Scenario> {
     ]
 }
 
+/// The grown policies measured on the bench mix (`make bench-growth` counts them in Envoy).
+pub const GROWN_ON_BENCH_MIX: [&str; 4] = [
+    "rules_100",
+    "rules_100_same_inputs",
+    "variants_50",
+    "in_1000",
+];
+
 /// 96 rules on a header, a cookie and a query parameter the mix never matches, then the
 /// bench policy's rules: every request of the mix is decided by rule 97–100.
 fn rules_100() -> Value {

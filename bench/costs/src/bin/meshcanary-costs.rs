@@ -15,10 +15,12 @@ struct Args {
     baseline: PathBuf,
     check: bool,
     write_baseline: bool,
+    /// Instead of measuring: write the grown policies here, one JSON file each.
+    write_policies: Option<PathBuf>,
 }
 
 const USAGE: &str = "usage: meshcanary-costs [--wasm PATH] [--empty PATH] [--out PATH] \
-[--baseline PATH] [--check] [--write-baseline]";
+[--baseline PATH] [--check] [--write-baseline] [--write-policies DIR]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -30,6 +32,7 @@ fn parse() -> Result<Args, String> {
         baseline: "bench/costs/baseline.json".into(),
         check: false,
         write_baseline: false,
+        write_policies: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -41,6 +44,7 @@ fn parse() -> Result<Args, String> {
             "--baseline" => args.baseline = value("--baseline")?.into(),
             "--check" => args.check = true,
             "--write-baseline" => args.write_baseline = true,
+            "--write-policies" => args.write_policies = Some(value("--write-policies")?.into()),
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -69,8 +73,28 @@ fn load(path: &PathBuf) -> Result<FilterModule, String> {
     FilterModule::new(&bytes).map_err(|e| format!("{}: {e}", path.display()))
 }
 
+/// The grown policies as files, `<id>.json`: `make bench-growth` counts what each costs
+/// Envoy per request, on the same request mix.
+fn write_policies(dir: &std::path::Path) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    for scenario in scenarios::all() {
+        if !scenarios::GROWN_ON_BENCH_MIX.contains(&scenario.id) {
+            continue;
+        }
+        let path = dir.join(format!("{}.json", scenario.id));
+        let text = serde_json::to_string_pretty(&scenario.policy).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text + "\n").map_err(|e| format!("{}: {e}", path.display()))?;
+        println!("{}", path.display());
+    }
+    Ok(())
+}
+
 fn run() -> Result<bool, String> {
     let args = parse()?;
+    if let Some(dir) = &args.write_policies {
+        write_policies(dir)?;
+        return Ok(true);
+    }
     let module = load(&args.wasm)?;
     let mut costs: Vec<(String, Cost)> = Vec::new();
     let mut titles = Vec::new();

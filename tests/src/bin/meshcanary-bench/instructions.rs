@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use meshcanary_e2e::Envoy;
 use serde_json::{json, Value};
 
-use crate::setups::{self, Family, Setup, WORKERS};
+use crate::setups::{Family, Setup, WORKERS};
 
 /// How long Envoy may take to start under valgrind (V8 compiles the module first).
 const READY_WITHIN: Duration = Duration::from_secs(300);
@@ -38,6 +38,9 @@ pub struct Counted {
     pub setup: Setup,
     /// Instructions per request, one per round.
     pub per_request: Vec<f64>,
+    /// With `--cache-sim`: every event callgrind counted (`Ir`, `I1mr`, `Bcm` …), per
+    /// request, one map per round.
+    pub events: Vec<Vec<(String, f64)>>,
 }
 
 /// The rows counted: the throughput family (Envoy answers itself), without mirroring
@@ -56,6 +59,7 @@ pub async fn count(
     warmup: usize,
     requests: usize,
     keep_dumps: Option<&Path>,
+    cache_sim: bool,
 ) -> Result<Vec<Counted>, String> {
     let started = Instant::now();
     let mut counted: Vec<Counted> = setups
@@ -63,16 +67,28 @@ pub async fn count(
         .map(|setup| Counted {
             setup,
             per_request: Vec::new(),
+            events: Vec::new(),
         })
         .collect();
     for round in 1..=rounds {
         for c in counted.iter_mut() {
             let keep = keep_dumps
                 .map(|dir| dir.join(format!("row-{}.round-{round}.callgrind", c.setup.row)));
-            let total = count_one(&c.setup, warmup, requests, keep.as_deref())
+            let events = count_one(&c.setup, warmup, requests, keep.as_deref(), cache_sim)
                 .await
                 .map_err(|e| format!("round {round}, row {}: {e}", c.setup.row))?;
-            c.per_request.push(total as f64 / requests as f64);
+            let per_request: Vec<(String, f64)> = events
+                .into_iter()
+                .map(|(name, total)| (name, total as f64 / requests as f64))
+                .collect();
+            let total = per_request
+                .iter()
+                .find(|(name, _)| name == "Ir")
+                .map_or(0.0, |(_, v)| *v * requests as f64);
+            c.per_request.push(total / requests as f64);
+            if cache_sim {
+                c.events.push(per_request);
+            }
             eprintln!(
                 "meshcanary-bench: round {round}, row {}: {:.0} instructions per request ({:.0} s)",
                 c.setup.row,
@@ -84,16 +100,18 @@ pub async fn count(
     Ok(counted)
 }
 
-/// One row, one round: instructions Envoy executed for `requests` requests.
+/// One row, one round: what Envoy executed for `requests` requests, event by event
+/// (`Ir`, instructions, always; with `cache_sim` the simulated misses too).
 async fn count_one(
     setup: &Setup,
     warmup: usize,
     requests: usize,
     keep: Option<&Path>,
-) -> Result<u64, String> {
+    cache_sim: bool,
+) -> Result<Vec<(String, u64)>, String> {
     let out_dir = tempfile::tempdir().map_err(|e| format!("temp dir: {e}"))?;
     let out_file = out_dir.path().join("callgrind.out");
-    let wrapper: Vec<String> = vec![
+    let mut wrapper: Vec<String> = vec![
         "valgrind".into(),
         "--tool=callgrind".into(),
         "--smc-check=all-non-file".into(),
@@ -101,6 +119,10 @@ async fn count_one(
         "--trace-children=yes".into(),
         format!("--callgrind-out-file={}", out_file.display()),
     ];
+    if cache_sim {
+        wrapper.push("--cache-sim=yes".into());
+        wrapper.push("--branch-sim=yes".into());
+    }
     let text = serde_json::to_string_pretty(&setup.bootstrap).map_err(|e| e.to_string())?;
     let envoy = Envoy::start_under(&wrapper, &text, "envoy.json", WORKERS, READY_WITHIN)
         .await
@@ -111,21 +133,28 @@ async fn count_one(
         control(pid, "-z").await?;
         send(&envoy, warmup, requests).await?;
         control(pid, "-d").await?;
-        let (total, dump) = read_total(out_dir.path())?;
+        let (events, dump) = read_events(out_dir.path())?;
         if let Some(keep) = keep {
             if let Some(dir) = keep.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| format!("{}: {e}", dir.display()))?;
             }
             std::fs::copy(&dump, keep).map_err(|e| format!("{}: {e}", keep.display()))?;
         }
-        if setup.id == "meshcanary" {
+        if setup.id == "meshcanary"
+            || setup.id.starts_with("module_")
+            || setup.id.starts_with("policy_")
+        {
             // The filter decided every request it saw: the counted path is the real one.
-            let prefix = format!("wasmcustom.meshcanary.{}.variant.", setups::POLICY_NAME);
+            // (One policy per Envoy, whatever its name.)
             let decided: u64 = envoy
                 .stats()
                 .await
                 .iter()
-                .filter(|(name, _)| name.starts_with(&prefix) && name.ends_with(".requests"))
+                .filter(|(name, _)| {
+                    name.starts_with("wasmcustom.meshcanary.")
+                        && name.contains(".variant.")
+                        && name.ends_with(".requests")
+                })
                 .map(|(_, value)| value)
                 .sum();
             if decided < (warmup + requests) as u64 {
@@ -135,7 +164,7 @@ async fn count_one(
                 ));
             }
         }
-        Ok(total)
+        Ok(events)
     }
     .await;
     let log = envoy.log();
@@ -201,9 +230,9 @@ async fn control(pid: u32, flag: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// The instruction total of the dump `callgrind_control -d` wrote (`callgrind.out.1`,
-/// its `summary:` line), and the dump's path.
-fn read_total(dir: &Path) -> Result<(u64, std::path::PathBuf), String> {
+/// The totals of the dump `callgrind_control -d` wrote (`callgrind.out.1`: its `events:`
+/// line names what its `summary:` line counts), and the dump's path.
+fn read_events(dir: &Path) -> Result<(Vec<(String, u64)>, std::path::PathBuf), String> {
     let deadline = Instant::now() + CONTROL_WITHIN;
     loop {
         for entry in std::fs::read_dir(dir).map_err(|e| e.to_string())? {
@@ -214,13 +243,18 @@ fn read_total(dir: &Path) -> Result<(u64, std::path::PathBuf), String> {
                 continue;
             }
             let text = std::fs::read_to_string(&path).unwrap_or_default();
-            if let Some(total) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("summary:"))
-                .and_then(|v| v.split_whitespace().next())
-                .and_then(|v| v.parse().ok())
-            {
-                return Ok((total, path));
+            let line = |prefix: &str| text.lines().find_map(|l| l.strip_prefix(prefix));
+            if let (Some(names), Some(totals)) = (line("events:"), line("summary:")) {
+                let totals: Option<Vec<u64>> =
+                    totals.split_whitespace().map(|v| v.parse().ok()).collect();
+                let events: Vec<(String, u64)> = names
+                    .split_whitespace()
+                    .map(str::to_string)
+                    .zip(totals.unwrap_or_default())
+                    .collect();
+                if events.iter().any(|(name, _)| name == "Ir") {
+                    return Ok((events, path));
+                }
             }
         }
         if Instant::now() > deadline {
@@ -254,6 +288,7 @@ pub fn record(counted: &[Counted], warmup: usize, requests: usize) -> Value {
             "row": c.setup.row,
             "title": c.setup.title,
             "instructions_per_request": c.per_request,
+            "events_per_request": c.events.iter().map(|round| round.iter().map(|(name, v)| (name.clone(), json!(v))).collect::<serde_json::Map<String, Value>>()).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }

@@ -61,6 +61,12 @@ struct Args {
     /// With --instructions: only these rows (comma-separated labels: `2,3`).
     #[arg(long, value_delimiter = ',')]
     rows: Vec<String>,
+    /// With --instructions: callgrind also simulates the caches and branch prediction
+    /// (`--cache-sim=yes --branch-sim=yes`, several times slower) and a second table
+    /// gives cache misses and mispredicted branches per request: the costs an
+    /// instruction count leaves out.
+    #[arg(long)]
+    cache_sim: bool,
     /// With --instructions: keep each callgrind dump in this folder
     /// (`row-<row>.round-<n>.callgrind`), for `callgrind_annotate`.
     #[arg(long)]
@@ -93,6 +99,11 @@ struct Args {
     /// Writes target/bench/compare.json unless --out says otherwise.
     #[arg(long, value_delimiter = ',')]
     compare: Vec<PathBuf>,
+    /// With --instructions: row 3 once per policy file given (comma-separated paths to
+    /// policy JSON), next to the empty filter and row 3 with the bench policy — what a
+    /// longer policy costs Envoy per request (`make bench-growth`).
+    #[arg(long, value_delimiter = ',')]
+    policies: Vec<PathBuf>,
     /// The probe module: row 2b and --host-calls (`scripts/build-wasm.sh bench-probe`).
     #[arg(long)]
     probe_wasm: Option<PathBuf>,
@@ -120,12 +131,17 @@ struct Plan {
     host_calls: bool,
     /// Instead of the main run, `--instructions`, with this many requests counted.
     instructions: Option<usize>,
+    /// With `--instructions`: simulate the caches and branch prediction too.
+    cache_sim: bool,
     /// With `--instructions`: where to keep the callgrind dumps.
     keep_dumps: Option<PathBuf>,
     /// With `--instructions`: the rows counted (empty: every throughput row).
     rows: Vec<String>,
     /// Instead of the main run, `--compare`: the modules to compare.
     compare: Vec<PathBuf>,
+    /// With `--instructions`: the policies to count row 3 with (file name, policy),
+    /// each valid.
+    policies: Vec<(String, Value)>,
     out: PathBuf,
 }
 
@@ -185,6 +201,17 @@ impl Plan {
         } else {
             paths::repo().join(out)
         };
+        if args.cache_sim && !args.instructions {
+            return Err("--cache-sim: only with --instructions".into());
+        }
+        if !args.policies.is_empty() && (!args.instructions || !args.compare.is_empty()) {
+            return Err("--policies: only with --instructions, and not with --compare".into());
+        }
+        let policies = args
+            .policies
+            .iter()
+            .map(|path| read_policy(path))
+            .collect::<Result<Vec<_>, String>>()?;
         let probe_wasm = args
             .probe_wasm
             .unwrap_or_else(|| paths::repo().join("target/wasm/bench_probe.wasm"));
@@ -209,8 +236,10 @@ impl Plan {
             host_calls: args.host_calls,
             instructions: args.instructions.then_some(requests),
             keep_dumps: args.keep_dumps,
+            cache_sim: args.cache_sim,
             rows: args.rows,
             compare: args.compare,
+            policies,
             out,
         })
     }
@@ -610,6 +639,21 @@ fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
     }
 }
 
+/// A policy file for `--policies`, checked as the filter checks it: a row whose policy
+/// the filter refused would count a request the filter lets through undecided.
+fn read_policy(path: &std::path::Path) -> Result<(String, Value), String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("--policies {}: {e}", path.display()))?;
+    meshcanary_policy::Policy::from_json(&bytes)
+        .map_err(|errors| format!("--policies {}: {errors}", path.display()))?;
+    let policy = serde_json::from_slice(&bytes)
+        .map_err(|e| format!("--policies {}: {e}", path.display()))?;
+    let label = path.file_name().map_or_else(
+        || path.display().to_string(),
+        |n| n.to_string_lossy().into_owned(),
+    );
+    Ok((label, policy))
+}
+
 /// `--instructions`: the throughput rows under callgrind, and their table.
 async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> {
     println!(
@@ -637,6 +681,18 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
             "empty_wasm",
             1,
         )
+    } else if !plan.policies.is_empty() {
+        // Against row 3: each row's "× row 3" is the growth the target bounds.
+        (
+            setups::policies(
+                &addrs,
+                &plan.empty_wasm,
+                &plan.meshcanary_wasm,
+                &plan.policies,
+            ),
+            "meshcanary",
+            1,
+        )
     } else {
         (
             instructions::rows(setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)),
@@ -660,12 +716,16 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
         requests,
         requests,
         plan.keep_dumps.as_deref(),
+        plan.cache_sim,
     )
     .await?;
     print!(
         "\n{}",
         report::instructions_table(&counted, baseline, calls)
     );
+    if plan.cache_sim {
+        print!("\n{}", report::cache_table(&counted));
+    }
     let row = |id: &str| counted.iter().find(|c| c.setup.id == id);
     if let (Some(empty), Some(routed), false) =
         (row("empty_wasm"), row("meshcanary"), plan.host_calls)
@@ -707,6 +767,38 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
                 "  context: the host-call floor alone, row 2 ÷ row 2c = {:.3}; the module's own work, row 3 − row 2c = {:.0} instructions per request",
                 per_round(empty, floor).median,
                 Spread::of(&own).median
+            );
+        }
+    }
+    if let Some(routed) = row("meshcanary") {
+        let grown: Vec<&instructions::Counted> = counted
+            .iter()
+            .filter(|c| c.setup.id.starts_with("policy_"))
+            .collect();
+        if !grown.is_empty() {
+            println!("\nTargets (issue 12), cost per request in Envoy against row 3's:");
+        }
+        for policy in grown {
+            let ratios: Vec<f64> = policy
+                .per_request
+                .iter()
+                .zip(&routed.per_request)
+                .map(|(grown, bench)| grown / bench)
+                .collect();
+            let spread = Spread::of(&ratios);
+            let target = Target {
+                name: "Envoy instructions per request × row 3",
+                value: spread.median,
+                limit: 1.2,
+                at_least: false,
+                unit: "",
+                per_round: Some(spread),
+            };
+            println!(
+                "  row {} ({}): {}",
+                policy.setup.row,
+                policy.setup.title,
+                target.line()
             );
         }
     }

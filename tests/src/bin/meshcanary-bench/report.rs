@@ -108,6 +108,49 @@ pub fn instructions_table(
     out
 }
 
+/// `--instructions --cache-sim`: what the instruction count leaves out, per request —
+/// callgrind's simulated cache misses and mispredicted branches (median over the rounds).
+pub fn cache_table(counted: &[crate::instructions::Counted]) -> String {
+    let mut out = String::from(
+        "Simulated by callgrind, per request (median over the rounds): instruction-cache misses \
+         (first level, last level), data-cache misses (first level, last level; reads + writes), \
+         mispredicted branches (conditional + indirect).\n\n\
+         | row | configuration | I1 misses | LL instruction misses | D1 misses | LL data misses | mispredicted branches |\n\
+         |---|---|---|---|---|---|---|\n",
+    );
+    for c in counted {
+        let event = |names: &[&str]| {
+            let values: Vec<f64> = c
+                .events
+                .iter()
+                .map(|round| {
+                    round
+                        .iter()
+                        .filter(|(name, _)| names.contains(&name.as_str()))
+                        .map(|(_, v)| v)
+                        .sum()
+                })
+                .collect();
+            if values.is_empty() {
+                "—".to_string()
+            } else {
+                Spread::of(&values).cell(0)
+            }
+        };
+        out.push_str(&format!(
+            "| {} | {} | {} | {} | {} | {} | {} |\n",
+            c.setup.row,
+            c.setup.title,
+            event(&["I1mr"]),
+            event(&["ILmr"]),
+            event(&["D1mr", "D1mw"]),
+            event(&["DLmr", "DLmw"]),
+            event(&["Bcm", "Bim"]),
+        ));
+    }
+    out
+}
+
 /// A spread of differences, each with its sign.
 fn signed(spread: Spread) -> String {
     let f = |v: f64| {

@@ -338,6 +338,48 @@ pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec
     all
 }
 
+/// `--instructions --policies`: row 3 with the bench policy and once per policy given
+/// (its label, its JSON), next to the empty filter: how the filter's cost grows with the
+/// policy, in Envoy.
+pub fn policies(
+    addrs: &Addresses,
+    empty_wasm: &Path,
+    wasm: &Path,
+    policies: &[(String, Value)],
+) -> Vec<Setup> {
+    let throughput = |id: String, row: String, title: String, bootstrap: Value| Setup {
+        baseline: id.clone(),
+        id,
+        row,
+        title,
+        family: Family::Throughput,
+        bootstrap,
+    };
+    let mut all = vec![
+        throughput(
+            "empty_wasm".into(),
+            "2".into(),
+            "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
+            direct_with_module(addrs, empty_wasm, "{}"),
+        ),
+        throughput(
+            "meshcanary".into(),
+            "3".into(),
+            "Envoy + meshcanary, 3 header/cookie rules + sticky split".into(),
+            direct_with_module(addrs, wasm, &policy(false).to_string()),
+        ),
+    ];
+    for (i, (label, policy)) in policies.iter().enumerate() {
+        all.push(throughput(
+            format!("policy_{}", i + 1),
+            format!("3p.{}", i + 1),
+            format!("as row 3, policy {label}"),
+            direct_with_module(addrs, wasm, &policy.to_string()),
+        ));
+    }
+    all
+}
+
 /// Rows 1–3's route table: Envoy answers itself, `canary` when the decision header says
 /// so, `stable` otherwise.
 fn direct_routes() -> Value {
