@@ -81,18 +81,18 @@ pub async fn count(
                 .into_iter()
                 .map(|(name, total)| (name, total as f64 / requests as f64))
                 .collect();
-            let total = per_request
+            // `read_events` returns only dumps that count `Ir`.
+            let instructions = per_request
                 .iter()
                 .find(|(name, _)| name == "Ir")
-                .map_or(0.0, |(_, v)| *v * requests as f64);
-            c.per_request.push(total / requests as f64);
+                .map_or(0.0, |(_, v)| *v);
+            c.per_request.push(instructions);
             if cache_sim {
                 c.events.push(per_request);
             }
             eprintln!(
-                "meshcanary-bench: round {round}, row {}: {:.0} instructions per request ({:.0} s)",
+                "meshcanary-bench: round {round}, row {}: {instructions:.0} instructions per request ({:.0} s)",
                 c.setup.row,
-                total as f64 / requests as f64,
                 started.elapsed().as_secs_f64()
             );
         }

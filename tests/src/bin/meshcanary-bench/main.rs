@@ -654,6 +654,17 @@ fn read_policy(path: &std::path::Path) -> Result<(String, Value), String> {
     Ok((label, policy))
 }
 
+/// Row `a`'s instructions per request ÷ row `b`'s, round by round.
+fn ratio_per_round(a: &instructions::Counted, b: &instructions::Counted) -> Spread {
+    let values: Vec<f64> = a
+        .per_request
+        .iter()
+        .zip(&b.per_request)
+        .map(|(a, b)| a / b)
+        .collect();
+    Spread::of(&values)
+}
+
 /// `--instructions`: the throughput rows under callgrind, and their table.
 async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> {
     println!(
@@ -733,16 +744,7 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
         // When Envoy's worker is the bottleneck, requests/s go as the inverse of the
         // work per request: the same verdict as `make bench`'s requests/s target,
         // without the noise.
-        let per_round = |a: &instructions::Counted, b: &instructions::Counted| {
-            let values: Vec<f64> = a
-                .per_request
-                .iter()
-                .zip(&b.per_request)
-                .map(|(a, b)| a / b)
-                .collect();
-            Spread::of(&values)
-        };
-        let bound = per_round(empty, routed);
+        let bound = ratio_per_round(empty, routed);
         let target = Target {
             name:
                 "full routing policy, requests/s bound × empty filter (row 2 ÷ row 3 instructions)",
@@ -765,7 +767,7 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
                 .collect();
             println!(
                 "  context: the host-call floor alone, row 2 ÷ row 2c = {:.3}; the module's own work, row 3 − row 2c = {:.0} instructions per request",
-                per_round(empty, floor).median,
+                ratio_per_round(empty, floor).median,
                 Spread::of(&own).median
             );
         }
@@ -779,13 +781,7 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
             println!("\nTargets (issue 12), cost per request in Envoy against row 3's:");
         }
         for policy in grown {
-            let ratios: Vec<f64> = policy
-                .per_request
-                .iter()
-                .zip(&routed.per_request)
-                .map(|(grown, bench)| grown / bench)
-                .collect();
-            let spread = Spread::of(&ratios);
+            let spread = ratio_per_round(policy, routed);
             let target = Target {
                 name: "Envoy instructions per request × row 3",
                 value: spread.median,

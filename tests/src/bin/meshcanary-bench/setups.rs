@@ -113,9 +113,6 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
     let policy_mirror = policy(true).to_string();
     let direct_routes = direct_routes();
 
-    // Row 2: the empty module in the filter's place, same route table as rows 1 and 3.
-    let empty = direct_with_module(addrs, empty_wasm, "{}");
-
     // Row 2b: the floor the targets are set against — a filter that only writes one
     // request header (the probe, writing the decision header once).
     let one_header = probe(addrs, probe_wasm, "set_request_header 1");
@@ -214,14 +211,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
             bootstrap: native,
             baseline: "native".into(),
         },
-        Setup {
-            id: "empty_wasm".into(),
-            row: "2".into(),
-            title: "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
-            family: Family::Throughput,
-            bootstrap: empty,
-            baseline: "empty_wasm".into(),
-        },
+        empty_row(addrs, empty_wasm),
         Setup {
             id: "one_header_wasm".into(),
             row: "2b".into(),
@@ -243,7 +233,7 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
         Setup {
             id: "meshcanary".into(),
             row: "3".into(),
-            title: "Envoy + meshcanary, 3 header/cookie rules + sticky split".into(),
+            title: ROW_3_TITLE.into(),
             family: Family::Throughput,
             bootstrap: routed,
             baseline: "meshcanary".into(),
@@ -312,23 +302,10 @@ pub fn all(addrs: &Addresses, empty_wasm: &Path, probe_wasm: &Path) -> Vec<Setup
 /// `--compare`: row 2 (the empty filter), then row 3 — the bench policy on the same
 /// routes — once per module, so two builds of the filter are measured side by side.
 pub fn compare(addrs: &Addresses, empty_wasm: &Path, modules: &[PathBuf]) -> Vec<Setup> {
-    let throughput = |id: String, row: String, title: String, bootstrap: Value| Setup {
-        baseline: id.clone(),
-        id,
-        row,
-        title,
-        family: Family::Throughput,
-        bootstrap,
-    };
-    let mut all = vec![throughput(
-        "empty_wasm".into(),
-        "2".into(),
-        "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
-        direct_with_module(addrs, empty_wasm, "{}"),
-    )];
     let policy = policy(false).to_string();
+    let mut all = vec![empty_row(addrs, empty_wasm)];
     for (i, wasm) in modules.iter().enumerate() {
-        all.push(throughput(
+        all.push(throughput_row(
             format!("module_{}", i + 1),
             format!("3.{}", i + 1),
             format!("as row 3, module {}", wasm.display()),
@@ -347,30 +324,17 @@ pub fn policies(
     wasm: &Path,
     policies: &[(String, Value)],
 ) -> Vec<Setup> {
-    let throughput = |id: String, row: String, title: String, bootstrap: Value| Setup {
-        baseline: id.clone(),
-        id,
-        row,
-        title,
-        family: Family::Throughput,
-        bootstrap,
-    };
     let mut all = vec![
-        throughput(
-            "empty_wasm".into(),
-            "2".into(),
-            "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
-            direct_with_module(addrs, empty_wasm, "{}"),
-        ),
-        throughput(
+        empty_row(addrs, empty_wasm),
+        throughput_row(
             "meshcanary".into(),
             "3".into(),
-            "Envoy + meshcanary, 3 header/cookie rules + sticky split".into(),
+            ROW_3_TITLE.into(),
             direct_with_module(addrs, wasm, &policy(false).to_string()),
         ),
     ];
     for (i, (label, policy)) in policies.iter().enumerate() {
-        all.push(throughput(
+        all.push(throughput_row(
             format!("policy_{}", i + 1),
             format!("3p.{}", i + 1),
             format!("as row 3, policy {label}"),
@@ -378,6 +342,31 @@ pub fn policies(
         ));
     }
     all
+}
+
+/// Row 3's title, in every mode that measures it.
+const ROW_3_TITLE: &str = "Envoy + meshcanary, 3 header/cookie rules + sticky split";
+
+/// A throughput row (Envoy answers itself) that is its own baseline.
+fn throughput_row(id: String, row: String, title: String, bootstrap: Value) -> Setup {
+    Setup {
+        baseline: id.clone(),
+        id,
+        row,
+        title,
+        family: Family::Throughput,
+        bootstrap,
+    }
+}
+
+/// Row 2: the empty module in the filter's place, same route table as rows 1 and 3.
+fn empty_row(addrs: &Addresses, empty_wasm: &Path) -> Setup {
+    throughput_row(
+        "empty_wasm".into(),
+        "2".into(),
+        "Envoy + empty proxy-wasm filter (bench_empty.wasm)".into(),
+        direct_with_module(addrs, empty_wasm, "{}"),
+    )
 }
 
 /// Rows 1–3's route table: Envoy answers itself, `canary` when the decision header says
