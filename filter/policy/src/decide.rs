@@ -5,6 +5,7 @@
 //! except query-parameter decoding, which only happens for query conditions.
 
 use crate::bucket::{flagd_hash, fnv_position, HashKind};
+use crate::bytes::{find_byte, split_at_byte};
 use crate::index::subject_value;
 use crate::policy::{Action, Condition, MissingKey, Policy, Split, SplitKey, Test};
 
@@ -173,9 +174,11 @@ pub fn cookie_value<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
     // holds no '=', space or ';'.
     let mut rest = header;
     loop {
-        let end = rest.iter().position(|b| *b == b';').unwrap_or(rest.len());
-        let pair = trim_ows_start(&rest[..end]);
-        if let Some(after) = pair.strip_prefix(name) {
+        let (pair, after_pair) = split_at_byte(rest, b';');
+        let pair = trim_ows_start(pair);
+        // The first byte alone rules out most pairs, without a call to compare slices.
+        let may_match = pair.first() == name.first() || name.is_empty();
+        if let Some(after) = may_match.then(|| pair.strip_prefix(name)).flatten() {
             if let Some(value) = trim_ows_start(after).strip_prefix(b"=") {
                 let value = trim_ows(value);
                 return Some(
@@ -186,31 +189,36 @@ pub fn cookie_value<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]> {
                 );
             }
         }
-        rest = rest.get(end + 1..)?;
+        rest = after_pair?;
     }
 }
 
 /// The decoded value of query parameter `name` in a request path (`/p?a=1&b=x%20y`).
 /// `+` means a space, `%XX` is decoded; a bad escape is kept as it is.
 pub fn query_value(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
+    query_raw_value(path, name).map(percent_decode)
+}
+
+/// The value of query parameter `name` as the path has it, not yet decoded (the name
+/// is compared decoded). See [`query_value`].
+fn query_raw_value<'p>(path: &'p [u8], name: &[u8]) -> Option<&'p [u8]> {
     // A fragment never reaches a proxy, but a malformed client might send one; it ends
     // the query, and a '?' inside it starts none.
-    let path = match path.iter().position(|b| *b == b'#') {
-        Some(end) => &path[..end],
-        None => path,
-    };
-    let start = path.iter().position(|b| *b == b'?')? + 1;
-    let query = &path[start..];
-    query.split(|b| *b == b'&').find_map(|pair| {
-        let (raw_name, raw_value) = match pair.iter().position(|b| *b == b'=') {
-            Some(eq) => (&pair[..eq], &pair[eq + 1..]),
-            None => (pair, &b""[..]),
-        };
-        if raw_name.is_empty() || !decodes_to(raw_name, name) {
-            return None;
+    let (before, query) = split_at_byte(path, b'?');
+    let mut rest = split_at_byte(query?, b'#').0;
+    if find_byte(before, b'#').is_some() {
+        return None;
+    }
+    loop {
+        let (pair, after_pair) = split_at_byte(rest, b'&');
+        let (raw_name, raw_value) = split_at_byte(pair, b'=');
+        // Decoding never lengthens a name: a shorter one cannot be `name`, and most
+        // parameters are ruled out by that alone.
+        if raw_name.len() >= name.len() && !raw_name.is_empty() && decodes_to(raw_name, name) {
+            return Some(raw_value.unwrap_or_default());
         }
-        Some(percent_decode(raw_value))
-    })
+        rest = after_pair?;
+    }
 }
 
 /// Whether `input` percent-decodes to `expected`, without building the decoded copy:
@@ -262,6 +270,7 @@ fn hex(b: u8) -> Option<u8> {
 }
 
 /// Trims optional white space (spaces and tabs) from the start.
+#[inline(always)]
 fn trim_ows_start(mut s: &[u8]) -> &[u8] {
     while let Some((first, rest)) = s.split_first() {
         if *first != b' ' && *first != b'\t' {

@@ -3,8 +3,9 @@
 //! A long policy tests a few parts of the request many times over: a tenant header, a
 //! cookie, a query parameter, each against many values. Trying 100 such rules one by one
 //! cost 3.6 times the bench policy per request (`make bench-costs`). The index, built once
-//! per configuration, instead reads each distinct part once per decision and rules out, a
-//! 64-rule word at a time, every rule that value cannot satisfy:
+//! per configuration, instead reads each distinct part once per decision and rules out,
+//! 256 rules at a time (one fixed-size set of four 64-bit words), every rule that value
+//! cannot satisfy:
 //! - an absent part rules out every rule with a condition needing it present (`equals`,
 //!   `prefix`, `in`, `present: true`);
 //! - a present part rules out every rule with `present: false` on it, and every rule with
@@ -12,7 +13,8 @@
 //!   over all such values of that part).
 //!
 //! The rules left are tried in order, every condition checked on the values already
-//! read, so the first that holds is the first the ordered scan would find
+//! read, so the first that holds is the first the ordered scan would find; blocks of 256
+//! rules are narrowed in order, and the first block with a match ends the search
 //! (`tests/rule_index.rs` and the `policy_json` fuzz target compare the two). A policy
 //! of a few rules skips the narrowing: trying them in order on the values read is
 //! cheaper than combining the rule sets.
@@ -21,6 +23,16 @@ use std::borrow::Cow;
 
 use crate::decide::{cookie_value, query_value, RequestInputs};
 use crate::policy::{Rule, Subject, Test};
+
+/// 256 rules, one bit each (bit `r % 64` of word `r / 64`): the rules of one block.
+/// A fixed size, so that combining two sets is four word operations without a bounds
+/// check, which in the size-optimized module a slice of words did not give.
+type RuleSet = [u64; 4];
+
+/// Rules per [`RuleSet`].
+const BLOCK: usize = 256;
+
+const NO_RULES: RuleSet = [0; 4];
 
 /// The rule index of one policy (see the module's documentation).
 ///
@@ -35,16 +47,21 @@ pub struct RuleIndex {
     slots: Vec<usize>,
     /// Where each rule's conditions start in `slots`.
     starts: Vec<usize>,
-    /// Three rule sets per part, `words` words each (bit `r % 64` of word `r / 64` is rule
-    /// `r`): the rules it rules out when absent, those it rules out when present
-    /// (`present: false`), and those with an `equals` or `in` condition on it.
-    sets: Vec<u64>,
+    /// For each block of 256 rules, for each part, three rule sets: the rules it rules
+    /// out when absent, those it rules out when present (`present: false`), and those
+    /// with an `equals` or `in` condition on it. Set `kind` of part `slot` in `block` is
+    /// at `(block * subjects.len() + slot) * 3 + kind`.
+    sets: Vec<RuleSet>,
     /// Every `equals` and `in` value with its part, sorted and without duplicates.
     listed: Vec<(usize, String)>,
-    /// For each entry of `listed`, `words` words: the rules that list it.
-    listings: Vec<u64>,
-    /// Words per rule set.
-    words: usize,
+    /// Where each part's values start in `listed`, and (last) its length: a lookup
+    /// searches only that part's values, and compares only the values.
+    listed_starts: Vec<usize>,
+    /// For each block, for each entry of `listed`, the rules that list it (at
+    /// `block * listed.len() + entry`).
+    listings: Vec<RuleSet>,
+    /// For each block, the rules it holds (the last block's spare bits clear).
+    blocks: Vec<RuleSet>,
 }
 
 /// Policies with at most this many rules are tried rule by rule, on the part values read
@@ -65,32 +82,30 @@ fn listed_values(test: &Test) -> &[String] {
     }
 }
 
-fn insert(set: &mut [u64], rule: usize) {
-    if let Some(word) = set.get_mut(rule / 64) {
-        *word |= 1 << (rule % 64);
+/// Adds rule `rule` (of the whole policy) to the set at `at`, if there is one.
+fn insert(sets: &mut [RuleSet], at: usize, rule: usize) {
+    let in_block = rule % BLOCK;
+    if let Some(word) = sets.get_mut(at).and_then(|set| set.get_mut(in_block / 64)) {
+        *word |= 1 << (in_block % 64);
     }
 }
 
 impl RuleIndex {
     /// Indexes `rules` (the policy's, in order).
     pub fn new(rules: &[Rule]) -> RuleIndex {
-        let words = (rules.len() + 63) / 64;
-        let mut index = RuleIndex {
-            words,
-            ..RuleIndex::default()
-        };
-        for (rule_index, rule) in rules.iter().enumerate() {
+        let mut index = RuleIndex::default();
+        for rule in rules {
             index.starts.push(index.slots.len());
             for condition in &rule.when {
-                let slot = index.slot(&condition.subject);
-                index.slots.push(slot);
-                let kind = match condition.test {
-                    Test::Present(false) => IF_PRESENT,
-                    _ => IF_ABSENT,
+                let slot = match index.subjects.iter().position(|s| *s == condition.subject) {
+                    Some(slot) => slot,
+                    None => {
+                        index.subjects.push(condition.subject.clone());
+                        index.subjects.len() - 1
+                    }
                 };
-                insert(index.set_mut(slot, kind), rule_index);
+                index.slots.push(slot);
                 for value in listed_values(&condition.test) {
-                    insert(index.set_mut(slot, VALUED), rule_index);
                     let entry = (slot, value.clone());
                     if let Err(at) = index.listed.binary_search(&entry) {
                         index.listed.insert(at, entry);
@@ -98,16 +113,34 @@ impl RuleIndex {
                 }
             }
         }
-        index.listings = vec![0; index.listed.len() * words];
+        index.listed_starts = (0..=index.subjects.len())
+            .map(|slot| index.listed.partition_point(|(s, _)| *s < slot))
+            .collect();
+        let blocks = (rules.len() + BLOCK - 1) / BLOCK;
+        let parts = index.subjects.len();
+        index.sets = vec![NO_RULES; blocks * parts * 3];
+        index.listings = vec![NO_RULES; blocks * index.listed.len()];
+        index.blocks = vec![NO_RULES; blocks];
         for (rule_index, rule) in rules.iter().enumerate() {
-            for condition in &rule.when {
-                let slot = index.subjects.iter().position(|s| *s == condition.subject);
+            let block = rule_index / BLOCK;
+            insert(&mut index.blocks, block, rule_index);
+            let slots = index
+                .starts
+                .get(rule_index)
+                .and_then(|start| index.slots.get(*start..))
+                .unwrap_or_default();
+            for (condition, slot) in rule.when.iter().zip(slots) {
+                let set = (block * parts + slot) * 3;
+                let kind = match condition.test {
+                    Test::Present(false) => IF_PRESENT,
+                    _ => IF_ABSENT,
+                };
+                insert(&mut index.sets, set + kind, rule_index);
                 for value in listed_values(&condition.test) {
-                    if let Some(at) = slot.and_then(|slot| index.listing(slot, value.as_bytes())) {
-                        insert(
-                            &mut index.listings[at * words..(at + 1) * words],
-                            rule_index,
-                        );
+                    insert(&mut index.sets, set + VALUED, rule_index);
+                    if let Some(at) = index.listing(*slot, value.as_bytes()) {
+                        let entry = block * index.listed.len() + at;
+                        insert(&mut index.listings, entry, rule_index);
                     }
                 }
             }
@@ -115,33 +148,16 @@ impl RuleIndex {
         index
     }
 
-    /// The index of `subject` in `subjects`, added (with three empty rule sets) if new.
-    fn slot(&mut self, subject: &Subject) -> usize {
-        if let Some(slot) = self.subjects.iter().position(|s| s == subject) {
-            return slot;
-        }
-        self.subjects.push(subject.clone());
-        self.sets.resize(self.sets.len() + 3 * self.words, 0);
-        self.subjects.len() - 1
-    }
-
-    fn set(&self, slot: usize, kind: usize) -> &[u64] {
-        let start = (slot * 3 + kind) * self.words;
-        self.sets.get(start..start + self.words).unwrap_or_default()
-    }
-
-    fn set_mut(&mut self, slot: usize, kind: usize) -> &mut [u64] {
-        let start = (slot * 3 + kind) * self.words;
-        self.sets
-            .get_mut(start..start + self.words)
-            .unwrap_or_default()
-    }
-
     /// Where `value` of part `slot` is in `listed`.
     fn listing(&self, slot: usize, value: &[u8]) -> Option<usize> {
-        self.listed
-            .binary_search_by(|(s, v)| s.cmp(&slot).then_with(|| v.as_bytes().cmp(value)))
-            .ok()
+        let start = *self.listed_starts.get(slot)?;
+        let end = *self.listed_starts.get(slot + 1)?;
+        let found = self
+            .listed
+            .get(start..end)?
+            .binary_search_by(|(_, v)| v.as_bytes().cmp(value))
+            .ok()?;
+        Some(start + found)
     }
 
     /// The first of `rules` (those the index was built from) whose conditions all hold
@@ -182,47 +198,43 @@ impl RuleIndex {
                 .enumerate()
                 .find(|(rule, found)| self.holds(*rule, found, values));
         }
-        // Up to 256 rules on the stack: a heap allocation per decision is a cost every
-        // request would pay.
-        let mut on_stack = [!0u64; 4];
-        let mut on_heap = Vec::new();
-        let candidates: &mut [u64] = if self.words <= on_stack.len() {
-            &mut on_stack[..self.words]
-        } else {
-            on_heap.resize(self.words, !0);
-            &mut on_heap
-        };
-        for (slot, value) in values.iter().enumerate() {
-            let value = match value {
-                None => {
-                    remove(candidates, self.set(slot, IF_ABSENT));
+        // Block by block: the first block holding a match holds the first match.
+        let parts = self.subjects.len();
+        for (block, rules_in_block) in self.blocks.iter().enumerate() {
+            let mut candidates = *rules_in_block;
+            for (slot, value) in values.iter().enumerate() {
+                let set = (block * parts + slot) * 3;
+                let (if_absent, if_present, valued) = match self.sets.get(set..set + 3) {
+                    Some([if_absent, if_present, valued]) => (if_absent, if_present, valued),
+                    _ => continue,
+                };
+                let value = match value {
+                    None => {
+                        remove(&mut candidates, if_absent);
+                        continue;
+                    }
+                    Some(value) => value,
+                };
+                remove(&mut candidates, if_present);
+                if is_empty(valued) {
                     continue;
                 }
-                Some(value) => value,
-            };
-            remove(candidates, self.set(slot, IF_PRESENT));
-            let valued = self.set(slot, VALUED);
-            if valued.iter().all(|word| *word == 0) {
-                continue;
+                let listed = self
+                    .listing(slot, value)
+                    .and_then(|at| self.listings.get(block * self.listed.len() + at))
+                    .unwrap_or(&NO_RULES);
+                keep_listed(&mut candidates, valued, listed);
             }
-            let listing = self
-                .listing(slot, value)
-                .and_then(|at| self.listings.get(at * self.words..(at + 1) * self.words));
-            for (word, candidate) in candidates.iter_mut().enumerate() {
-                let listed = listing.and_then(|set| set.get(word)).copied().unwrap_or(0);
-                *candidate &= !valued.get(word).copied().unwrap_or(0) | listed;
-            }
-        }
-        for (word, bits) in candidates.iter().enumerate() {
-            let mut bits = *bits;
-            while bits != 0 {
-                let rule = word * 64 + bits.trailing_zeros() as usize;
-                bits &= bits - 1;
-                // None past the last rule: the last word's spare bits.
-                let found = rules.get(rule)?;
-                let holds = self.holds(rule, found, values);
-                if holds {
-                    return Some((rule, found));
+            for (word, bits) in candidates.iter().enumerate() {
+                let mut bits = *bits;
+                while bits != 0 {
+                    let rule = block * BLOCK + word * 64 + bits.trailing_zeros() as usize;
+                    bits &= bits - 1;
+                    if let Some(found) = rules.get(rule) {
+                        if self.holds(rule, found, values) {
+                            return Some((rule, found));
+                        }
+                    }
                 }
             }
         }
@@ -244,11 +256,28 @@ impl RuleIndex {
     }
 }
 
-/// Removes `excluded` from `candidates` (an empty `excluded` removes nothing).
-fn remove(candidates: &mut [u64], excluded: &[u64]) {
-    for (candidate, excluded) in candidates.iter_mut().zip(excluded) {
-        *candidate &= !excluded;
-    }
+// The set operations spell out their four words: at `opt-level = "z"` a loop over
+// zipped words stays a chain of calls, and `==` on arrays a call to `memcmp`.
+
+/// Removes `excluded` from `candidates`.
+fn remove(candidates: &mut RuleSet, excluded: &RuleSet) {
+    candidates[0] &= !excluded[0];
+    candidates[1] &= !excluded[1];
+    candidates[2] &= !excluded[2];
+    candidates[3] &= !excluded[3];
+}
+
+/// Removes from `candidates` the rules of `valued` that are not in `listed`: the rules
+/// testing a part's value whose list does not hold the request's value.
+fn keep_listed(candidates: &mut RuleSet, valued: &RuleSet, listed: &RuleSet) {
+    candidates[0] &= !valued[0] | listed[0];
+    candidates[1] &= !valued[1] | listed[1];
+    candidates[2] &= !valued[2] | listed[2];
+    candidates[3] &= !valued[3] | listed[3];
+}
+
+fn is_empty(set: &RuleSet) -> bool {
+    set[0] | set[1] | set[2] | set[3] == 0
 }
 
 /// The value of one request part: a header's, a cookie's, a decoded query parameter's.

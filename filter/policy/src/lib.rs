@@ -11,6 +11,7 @@
 )]
 
 pub mod bucket;
+pub mod bytes;
 pub mod decide;
 pub mod envoy;
 pub mod error;

@@ -137,6 +137,62 @@ fn indexed_decision_is_the_first_matching_rule() {
     assert!(decided_by_rule < 66_000, "{decided_by_rule}");
 }
 
+/// A rule that no drawn request satisfies, in one of the ways the index handles
+/// differently: ruled out by its sets (a value never listed, a part always present
+/// tested absent) or only by trying it (a prefix never sent).
+fn miss(draws: &mut Draws, i: usize) -> Value {
+    let header = draws.pick(HEADERS);
+    let when = match draws.below(3) {
+        0 => json!([{"header": header, "equals": format!("never-{i}")}]),
+        1 => {
+            json!([{"cookie": draws.pick(NAMES), "present": true}, {"header": "cookie", "present": false}])
+        }
+        _ => json!([condition(draws), {"header": header, "prefix": "never"}]),
+    };
+    json!({"name": format!("m{i}"), "when": when, "variant": "canary"})
+}
+
+#[test]
+fn matches_past_the_first_256_rules_are_found_in_order() {
+    // Rule sets hold 256 rules each: long runs of rules no request satisfies, with a
+    // drawn rule now and then and the last rules drawn, put the first match in every
+    // block, at and around the blocks' edges.
+    let mut draws = Draws(21);
+    let mut blocks_seen = [0usize; 3];
+    for size in [255, 256, 257, 300, 511, 512, 513, 700] {
+        for _ in 0..10 {
+            let rules: Vec<Value> = (0..size)
+                .map(|i| {
+                    if i + 12 >= size || draws.below(40) == 0 {
+                        let when: Vec<Value> = (0..1 + draws.below(3))
+                            .map(|_| condition(&mut draws))
+                            .collect();
+                        json!({"name": format!("r{i}"), "when": when, "variant": "canary"})
+                    } else {
+                        miss(&mut draws, i)
+                    }
+                })
+                .collect();
+            let doc = json!({"name": "p", "variants": ["stable", "canary"], "rules": rules});
+            let policy = Policy::from_value(&doc).expect("valid drawn policy");
+            for _ in 0..200 {
+                let request = request(&mut draws, &policy);
+                let decided = policy.decide(request.as_slice(), || 0).rule;
+                assert_eq!(
+                    decided,
+                    ordered_scan(&policy, request.as_slice()),
+                    "{size} rules, request {request:?}"
+                );
+                if let Some(rule) = decided {
+                    blocks_seen[(rule / 256).min(2)] += 1;
+                }
+            }
+        }
+    }
+    // Every block must decide some requests, or the blocks past the first go untested.
+    assert!(blocks_seen.iter().all(|n| *n > 200), "{blocks_seen:?}");
+}
+
 #[test]
 fn a_hundred_tenant_rules_on_one_header_find_the_tenant() {
     let rules: Vec<Value> = (0..100)
