@@ -16,6 +16,8 @@
 #                  module under an interpreter, instructions and host calls per request for
 #                  each rule kind, the bench mix and grown policies, checked against
 #                  bench/costs/baseline.json (seconds; the check also runs in make test)
+#   make bench-profile  where that fuel goes, function by function: the module rebuilt
+#                  with its names and instrumented, on PROFILE_SCENARIOS (seconds)
 #   make bench-instructions  Envoy's instructions per request for rows 1–5, counted by
 #                  valgrind (callgrind) in a fresh Envoy per row and round: a ratio the
 #                  machine's load does not move; target/bench/instructions.json (~10 minutes)
@@ -78,7 +80,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs bench-growth bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
+.PHONY: bench-costs bench-profile bench-growth bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -338,6 +340,16 @@ bench-costs: wasm
 	./scripts/build-wasm.sh bench-empty
 	$(CARGO) build --release --locked -p meshcanary-costs
 	./target/release/meshcanary-costs --check
+
+# Where bench-costs' fuel goes: the same code built with its function names kept
+# (target/wasm/meshcanary_filter_names.wasm), rewritten to report every function's entry
+# and exit to the stub host, which charges the fuel in between (bench/costs/src/profile.rs).
+PROFILE_SCENARIOS ?= bench_mix,rules_100
+bench-profile: toolchain
+	MESHCANARY_WASM_NAMES=1 ./scripts/build-wasm.sh
+	$(CARGO) build --release --locked -p meshcanary-costs
+	./target/release/meshcanary-costs --wasm target/wasm/meshcanary_filter_names.wasm \
+	  --profile $(PROFILE_SCENARIOS)
 
 # Smoke mode: one 1-second round per configuration; fails unless every row produced
 # numbers and the JSON was written. Debug build, like the other tests.

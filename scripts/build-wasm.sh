@@ -12,6 +12,12 @@
 # Any package of the filter workspace works: the module is named after its library
 # (`-` becomes `_`), built with the workspace's release profile.
 #
+#   MESHCANARY_WASM_NAMES=1 scripts/build-wasm.sh
+#                                       the same code with its function names kept (the
+#                                       release profile strips them), to
+#                                       target/wasm/meshcanary_filter_names.wasm, in its
+#                                       own target folder: what `make bench-profile` reads
+#
 # Two toolchains can do it, and both are scripted:
 #  1. a rustup toolchain with the wasm32-wasip1 target installed (the usual setup);
 #  2. Debian's rustc 1.63 + cargo 1.65 with libstd-rust-dev-wasm32, offline, against
@@ -33,6 +39,11 @@ if [ -n "$feature" ]; then
     target_dir=target/filter-wasm-$feature
     features=(--features "$feature")
     output=${package//-/_}_${feature//-/_}.wasm
+fi
+if [ "${MESHCANARY_WASM_NAMES:-}" = 1 ]; then
+    export CARGO_PROFILE_RELEASE_STRIP=none
+    target_dir=$target_dir-names
+    output=${output%.wasm}_names.wasm
 fi
 
 if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip1; then

@@ -10,6 +10,8 @@
 use std::collections::{BTreeMap, HashMap};
 
 use meshcanary_policy::headers;
+
+use crate::profile::{self, Profile};
 use wasmi::{Caller, Error, Extern, Linker};
 
 /// Name under which the host's calls back into `proxy_on_memory_allocate` are counted.
@@ -65,6 +67,8 @@ pub struct HostState {
     pub random_state: u64,
     /// Tokens handed out by `proxy_http_call`.
     pub http_calls: u32,
+    /// Fuel per function, when the module was instrumented ([`crate::profile`]).
+    pub profile: Profile,
 }
 
 impl HostState {
@@ -155,6 +159,31 @@ fn give(caller: &mut Ctx<'_>, bytes: &[u8], ret_ptr: i32, ret_size: i32) -> Resu
 pub fn define(linker: &mut Linker<HostState>) -> Result<(), Error> {
     define_proxy(linker)?;
     define_wasi(linker)?;
+    define_profile(linker)?;
+    Ok(())
+}
+
+/// The two calls an instrumented module makes ([`crate::profile::instrument`]); a
+/// module that was not instrumented never imports them.
+fn define_profile(linker: &mut Linker<HostState>) -> Result<(), Error> {
+    linker.func_wrap(
+        profile::MODULE,
+        "enter",
+        |mut c: Ctx<'_>, function: i32| -> Result<(), Error> {
+            let fuel = c.get_fuel()?;
+            c.data_mut().profile.enter(function as u32, fuel);
+            Ok(())
+        },
+    )?;
+    linker.func_wrap(
+        profile::MODULE,
+        "exit",
+        |mut c: Ctx<'_>, function: i32| -> Result<(), Error> {
+            let fuel = c.get_fuel()?;
+            c.data_mut().profile.exit(function as u32, fuel);
+            Ok(())
+        },
+    )?;
     Ok(())
 }
 

@@ -11,6 +11,7 @@
 
 pub mod baseline;
 pub mod host;
+pub mod profile;
 pub mod scenarios;
 
 use std::collections::BTreeMap;
@@ -200,6 +201,11 @@ impl Vm {
         self.store.data_mut().calls.clear();
     }
 
+    /// Forgets the fuel charged to functions so far (an instrumented module's).
+    pub fn reset_profile(&mut self) {
+        self.store.data_mut().profile.reset();
+    }
+
     /// Runs one request through the module as Envoy does for a GET answered by a direct
     /// response: context created, request headers (end of stream), response headers,
     /// the response body in one chunk, then log, done and delete. Returns its fuel.
@@ -288,6 +294,16 @@ impl Cost {
 /// Every request's decision is checked against the policy core's, and the counters
 /// against the requests sent.
 pub fn measure(module: &FilterModule, configuration: &str, requests: &[Request]) -> Result<Cost> {
+    measure_with_profile(module, configuration, requests).map(|(cost, _)| cost)
+}
+
+/// As [`measure`], with the fuel each function spent in the measured pass, for a module
+/// instrumented by [`profile::instrument`] (empty for any other).
+pub fn measure_with_profile(
+    module: &FilterModule,
+    configuration: &str,
+    requests: &[Request],
+) -> Result<(Cost, profile::Profile)> {
     let policy = Policy::from_json(configuration.as_bytes())
         .map_err(|e| CostError(format!("the scenario's policy is invalid: {e:?}")))?;
     run(module, configuration, requests, Some(&policy))
@@ -300,7 +316,7 @@ pub fn measure_other(
     configuration: &str,
     requests: &[Request],
 ) -> Result<Cost> {
-    run(module, configuration, requests, None)
+    run(module, configuration, requests, None).map(|(cost, _)| cost)
 }
 
 fn run(
@@ -308,7 +324,7 @@ fn run(
     configuration: &str,
     requests: &[Request],
     policy: Option<&Policy>,
-) -> Result<Cost> {
+) -> Result<(Cost, profile::Profile)> {
     if requests.is_empty() {
         return Err(CostError("no requests to measure".into()));
     }
@@ -321,6 +337,7 @@ fn run(
     }
     vm.tick()?;
     vm.reset_calls();
+    vm.reset_profile();
     let mut sum = RequestFuel::default();
     for request in requests {
         let fuel = vm.request(request)?;
@@ -328,6 +345,7 @@ fn run(
         sum.response += fuel.response;
         sum.end += fuel.end;
     }
+    let profile = vm.host().profile.clone();
     let n = requests.len() as f64;
     let host_calls = vm
         .host()
@@ -339,7 +357,7 @@ fn run(
     if let Some(policy) = policy {
         check_counted(policy, vm.host(), 2 * requests.len())?;
     }
-    Ok(Cost {
+    let cost = Cost {
         requests: requests.len(),
         fuel_per_request: sum.total() as f64 / n,
         request_phase: sum.request as f64 / n,
@@ -347,7 +365,8 @@ fn run(
         end_phase: sum.end as f64 / n,
         host_calls,
         tick,
-    })
+    };
+    Ok((cost, profile))
 }
 
 /// The module must have written the decision the policy core makes natively (random

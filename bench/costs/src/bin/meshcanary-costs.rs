@@ -17,10 +17,16 @@ struct Args {
     write_baseline: bool,
     /// Instead of measuring: write the grown policies here, one JSON file each.
     write_policies: Option<PathBuf>,
+    /// Instead of measuring: where these scenarios' fuel goes, function by function
+    /// (a module with its names: `make bench-profile`).
+    profile: Vec<String>,
 }
 
+/// Functions listed per profiled scenario.
+const PROFILE_ROWS: usize = 30;
+
 const USAGE: &str = "usage: meshcanary-costs [--wasm PATH] [--empty PATH] [--out PATH] \
-[--baseline PATH] [--check] [--write-baseline] [--write-policies DIR]";
+[--baseline PATH] [--check] [--write-baseline] [--write-policies DIR] [--profile SCENARIO,…]";
 
 fn parse() -> Result<Args, String> {
     let mut args = Args {
@@ -33,6 +39,7 @@ fn parse() -> Result<Args, String> {
         check: false,
         write_baseline: false,
         write_policies: None,
+        profile: Vec::new(),
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
@@ -45,6 +52,9 @@ fn parse() -> Result<Args, String> {
             "--check" => args.check = true,
             "--write-baseline" => args.write_baseline = true,
             "--write-policies" => args.write_policies = Some(value("--write-policies")?.into()),
+            "--profile" => {
+                args.profile = value("--profile")?.split(',').map(str::to_string).collect()
+            }
             "-h" | "--help" => return Err(USAGE.into()),
             other => return Err(format!("unknown argument {other:?}; {USAGE}")),
         }
@@ -89,11 +99,51 @@ fn write_policies(dir: &std::path::Path) -> Result<(), String> {
     Ok(())
 }
 
+/// Prints, for each scenario, the functions that spend the most fuel per request.
+fn profile(wasm: &std::path::Path, ids: &[String]) -> Result<(), String> {
+    let bytes = std::fs::read(wasm).map_err(|e| {
+        format!(
+            "cannot read {} ({e}); build it with `make bench-profile`",
+            wasm.display()
+        )
+    })?;
+    let all = scenarios::all();
+    for id in ids {
+        let scenario = all.iter().find(|s| s.id == id.as_str()).ok_or_else(|| {
+            let known: Vec<&str> = all.iter().map(|s| s.id).collect();
+            format!("no scenario {id:?}; the scenarios are {}", known.join(", "))
+        })?;
+        let (cost, rows) = meshcanary_costs::profile::profile(
+            &bytes,
+            &scenario.policy.to_string(),
+            &scenario.requests,
+        )
+        .map_err(|e| format!("{id}: {e}"))?;
+        println!(
+            "\n{id} ({}): {:.0} fuel per request, instrumented; the {PROFILE_ROWS} functions \
+             spending the most\n",
+            scenario.title, cost.fuel_per_request
+        );
+        println!("| self | inclusive | calls | function |");
+        println!("|---|---|---|---|");
+        for row in rows.iter().take(PROFILE_ROWS) {
+            println!(
+                "| {:.0} | {:.0} | {:.2} | `{}` |",
+                row.self_fuel, row.inclusive, row.calls, row.name
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run() -> Result<bool, String> {
     let args = parse()?;
     if let Some(dir) = &args.write_policies {
         write_policies(dir)?;
         return Ok(true);
+    }
+    if !args.profile.is_empty() {
+        return profile(&args.wasm, &args.profile).map(|()| true);
     }
     let module = load(&args.wasm)?;
     let mut costs: Vec<(String, Cost)> = Vec::new();
