@@ -251,10 +251,23 @@ fn run() -> Result<bool, String> {
             }
             return Ok(false);
         }
+        let growth = baseline::growth(&costs);
+        let missed: Vec<&str> = growth
+            .iter()
+            .filter(|(_, _, met)| !met)
+            .map(|(id, _, _)| id.as_str())
+            .collect();
         println!(
-            "Within {:.0} % of the baseline; grown policies within {}× the bench policy",
+            "Within {:.0} % of the baseline; grown policies within {}× the bench policy: {} of {}{}",
             baseline::MARGIN * 100.0,
-            baseline::GROWTH_LIMIT
+            baseline::GROWTH_LIMIT,
+            growth.len() - missed.len(),
+            growth.len(),
+            if missed.is_empty() {
+                String::new()
+            } else {
+                format!(" (missed: {})", missed.join(", "))
+            }
         );
     }
     Ok(true)
