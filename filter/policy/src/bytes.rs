@@ -6,7 +6,8 @@
 //! interpreter instructions per byte of a `cookie` header). Here a 64-bit word is tested
 //! for the byte at once: the classic "has a zero byte" test on the word XORed with the
 //! byte repeated eight times (wasm32 has 64-bit integers, so this is a handful of
-//! instructions per word).
+//! instructions per word). [`find_either`] looks for two bytes in the same pass: where a
+//! query starts (`?`), unless a fragment (`#`) comes first.
 
 /// `0x01` in every byte.
 const ONES: u64 = 0x0101_0101_0101_0101;
@@ -17,26 +18,57 @@ const HIGHS: u64 = 0x8080_8080_8080_8080;
 #[inline(always)]
 pub fn find_byte(haystack: &[u8], byte: u8) -> Option<usize> {
     let repeated = ONES.wrapping_mul(u64::from(byte));
+    find(haystack, |word| zero_bytes(word ^ repeated), |b| b == byte)
+}
+
+/// The index of the first `a` or `b` in `haystack`, in one pass.
+#[inline(always)]
+pub fn find_either(haystack: &[u8], a: u8, b: u8) -> Option<usize> {
+    let (repeated_a, repeated_b) = (
+        ONES.wrapping_mul(u64::from(a)),
+        ONES.wrapping_mul(u64::from(b)),
+    );
+    find(
+        haystack,
+        |word| zero_bytes(word ^ repeated_a) | zero_bytes(word ^ repeated_b),
+        |byte| byte == a || byte == b,
+    )
+}
+
+/// The first byte of `haystack` that `in_word` marks (its top bit set in the word of
+/// eight bytes read little-endian, maybe with bits above it) and `is_it` accepts.
+#[inline(always)]
+fn find(
+    haystack: &[u8],
+    in_word: impl Fn(u64) -> u64,
+    is_it: impl Fn(u8) -> bool,
+) -> Option<usize> {
     let mut at = 0;
     // Indexing by hand: at `opt-level = "z"` the iterator over words (`chunks_exact`)
     // and the slice-to-array conversion stay calls, twice the price of the test.
     while let Some(&[b0, b1, b2, b3, b4, b5, b6, b7]) = haystack.get(at..at + 8) {
-        let word = u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]) ^ repeated;
-        // The lowest byte whose top bit is set here is the first zero byte of `word`
-        // (a borrow can only mark bytes above a true zero), that is the first `byte`.
-        let zeros = word.wrapping_sub(ONES) & !word & HIGHS;
-        if zeros != 0 {
-            return Some(at + (zeros.trailing_zeros() / 8) as usize);
+        let marked = in_word(u64::from_le_bytes([b0, b1, b2, b3, b4, b5, b6, b7]));
+        if marked != 0 {
+            return Some(at + (marked.trailing_zeros() / 8) as usize);
         }
         at += 8;
     }
-    while let Some(b) = haystack.get(at) {
-        if *b == byte {
+    while let Some(byte) = haystack.get(at) {
+        if is_it(*byte) {
             return Some(at);
         }
         at += 1;
     }
     None
+}
+
+/// The top bit of the first zero byte of `word` set, maybe with some above it: the
+/// lowest byte whose top bit is set is the first zero byte (a borrow can only mark bytes
+/// above a true zero). XORed with a byte repeated eight times, a word's zero bytes are
+/// that byte's places.
+#[inline(always)]
+fn zero_bytes(word: u64) -> u64 {
+    word.wrapping_sub(ONES) & !word & HIGHS
 }
 
 /// `haystack` up to the first `byte` (all of it when there is none), and what follows
@@ -103,6 +135,28 @@ mod tests {
                     "{bytes:?} {byte}"
                 );
             }
+        }
+    }
+
+    #[test]
+    fn finds_the_first_of_two_bytes() {
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        let mut next = || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for _ in 0..20_000 {
+            let len = (next() % 40) as usize;
+            let bytes: Vec<u8> = (0..len)
+                .map(|_| b"?#/a\x00"[(next() % 5) as usize])
+                .collect();
+            assert_eq!(
+                find_either(&bytes, b'?', b'#'),
+                bytes.iter().position(|b| *b == b'?' || *b == b'#'),
+                "{bytes:?}"
+            );
         }
     }
 

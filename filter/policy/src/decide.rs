@@ -5,7 +5,7 @@
 //! except query-parameter decoding, which only happens for query conditions.
 
 use crate::bucket::{flagd_hash, fnv_position, HashKind};
-use crate::bytes::{find_byte, split_at_byte};
+use crate::bytes::{find_either, split_at_byte};
 use crate::index::subject_value;
 use crate::policy::{Action, Condition, MissingKey, Policy, Split, SplitKey, Test};
 
@@ -204,11 +204,8 @@ pub fn query_value(path: &[u8], name: &[u8]) -> Option<Vec<u8>> {
 fn query_raw_value<'p>(path: &'p [u8], name: &[u8]) -> Option<&'p [u8]> {
     // A fragment never reaches a proxy, but a malformed client might send one; it ends
     // the query, and a '?' inside it starts none.
-    let (before, query) = split_at_byte(path, b'?');
-    let mut rest = split_at_byte(query?, b'#').0;
-    if find_byte(before, b'#').is_some() {
-        return None;
-    }
+    let start = find_either(path, b'?', b'#').filter(|at| path.get(*at) == Some(&b'?'))?;
+    let mut rest = split_at_byte(path.get(start + 1..)?, b'#').0;
     loop {
         let (pair, after_pair) = split_at_byte(rest, b'&');
         let (raw_name, raw_value) = split_at_byte(pair, b'=');

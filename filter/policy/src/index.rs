@@ -62,7 +62,18 @@ pub struct RuleIndex {
     listings: Vec<RuleSet>,
     /// For each block, the rules it holds (the last block's spare bits clear).
     blocks: Vec<RuleSet>,
+    /// When the rules test at most [`PRESENCE_TABLE_UP_TO`] parts: for each block and
+    /// each combination of present parts (bit `slot` set for a present part), the rules
+    /// of the block that combination leaves, every presence test applied ahead of time
+    /// (at `block << subjects.len() | presence`). Empty when more parts are tested.
+    by_presence: Vec<RuleSet>,
+    /// The parts with an `equals` or `in` condition on them, in order.
+    valued: Vec<usize>,
 }
+
+/// Most parts for which [`RuleIndex::by_presence`] is built: 2⁸ sets of 32 bytes per
+/// block of rules.
+const PRESENCE_TABLE_UP_TO: usize = 8;
 
 /// Policies with at most this many rules are tried rule by rule, on the part values read
 /// once; longer ones are narrowed down by the rule sets first.
@@ -145,6 +156,17 @@ impl RuleIndex {
                 }
             }
         }
+        index.valued = (0..parts)
+            .filter(|slot| index.listed_starts.get(*slot) < index.listed_starts.get(slot + 1))
+            .collect();
+        if parts <= PRESENCE_TABLE_UP_TO {
+            index.by_presence = (0..blocks << parts)
+                .map(|at| {
+                    let (block, presence) = (at >> parts, at & ((1 << parts) - 1));
+                    index.left_by_presence(block, |slot| presence & 1 << slot != 0)
+                })
+                .collect();
+        }
         index
     }
 
@@ -171,24 +193,29 @@ impl RuleIndex {
         // allocation per decision is a cost every request would pay.
         let mut on_stack: [Option<Cow<[u8]>>; 8] = Default::default();
         if let Some(values) = on_stack.get_mut(..self.subjects.len()) {
-            for (value, subject) in values.iter_mut().zip(&self.subjects) {
+            // Bit `slot` set for each present part: the presence table's index.
+            let mut presence = 0;
+            for (slot, (value, subject)) in values.iter_mut().zip(&self.subjects).enumerate() {
                 *value = subject_value(subject, request);
+                presence |= usize::from(value.is_some()) << slot;
             }
-            return self.first_match_among(rules, values);
+            return self.first_match_among(rules, values, presence);
         }
         let values: Vec<Option<Cow<[u8]>>> = self
             .subjects
             .iter()
             .map(|subject| subject_value(subject, request))
             .collect();
-        self.first_match_among(rules, &values)
+        self.first_match_among(rules, &values, 0)
     }
 
-    /// [`first_match`](Self::first_match), given the value of each part.
+    /// [`first_match`](Self::first_match), given the value of each part and, for at
+    /// most eight parts, their presence (bit `slot` set for a present part).
     fn first_match_among<'p>(
         &self,
         rules: &'p [Rule],
         values: &[Option<Cow<[u8]>>],
+        presence: usize,
     ) -> Option<(usize, &'p Rule)> {
         // A short policy is cheaper to try rule by rule than to narrow down: the rule
         // sets cost a few hundred instructions a decision (`make bench-costs`).
@@ -200,27 +227,28 @@ impl RuleIndex {
         }
         // Block by block: the first block holding a match holds the first match.
         let parts = self.subjects.len();
-        for (block, rules_in_block) in self.blocks.iter().enumerate() {
-            let mut candidates = *rules_in_block;
-            for (slot, value) in values.iter().enumerate() {
-                let set = (block * parts + slot) * 3;
-                let (if_absent, if_present, valued) = match self.sets.get(set..set + 3) {
-                    Some([if_absent, if_present, valued]) => (if_absent, if_present, valued),
+        let present = |slot: usize| matches!(values.get(slot), Some(Some(_)));
+        for block in 0..self.blocks.len() {
+            let tabled = match self.by_presence.is_empty() {
+                true => None,
+                false => self.by_presence.get(block << parts | presence),
+            };
+            let mut candidates = match tabled {
+                Some(left) => *left,
+                None => self.left_by_presence(block, present),
+            };
+            for slot in &self.valued {
+                let value = match values.get(*slot) {
+                    Some(Some(value)) => value,
                     _ => continue,
                 };
-                let value = match value {
-                    None => {
-                        remove(&mut candidates, if_absent);
-                        continue;
-                    }
-                    Some(value) => value,
-                };
-                remove(&mut candidates, if_present);
+                let set = (block * parts + slot) * 3 + VALUED;
+                let valued = self.sets.get(set).unwrap_or(&NO_RULES);
                 if is_empty(valued) {
                     continue;
                 }
                 let listed = self
-                    .listing(slot, value)
+                    .listing(*slot, value)
                     .and_then(|at| self.listings.get(block * self.listed.len() + at))
                     .unwrap_or(&NO_RULES);
                 keep_listed(&mut candidates, valued, listed);
@@ -243,6 +271,20 @@ impl RuleIndex {
 }
 
 impl RuleIndex {
+    /// The rules of `block` left once the rules needing an absent part, and those
+    /// needing a `present` part absent, are removed.
+    fn left_by_presence(&self, block: usize, present: impl Fn(usize) -> bool) -> RuleSet {
+        let parts = self.subjects.len();
+        let mut left = self.blocks.get(block).copied().unwrap_or(NO_RULES);
+        for slot in 0..parts {
+            let kind = if present(slot) { IF_PRESENT } else { IF_ABSENT };
+            if let Some(excluded) = self.sets.get((block * parts + slot) * 3 + kind) {
+                remove(&mut left, excluded);
+            }
+        }
+        left
+    }
+
     /// Whether every condition of `rule` (number `index`) holds for these part values.
     fn holds(&self, index: usize, rule: &Rule, values: &[Option<Cow<[u8]>>]) -> bool {
         let start = self.starts.get(index).copied().unwrap_or(usize::MAX);

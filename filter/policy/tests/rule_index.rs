@@ -194,6 +194,40 @@ fn matches_past_the_first_256_rules_are_found_in_order() {
 }
 
 #[test]
+fn policies_testing_many_parts_decide_like_the_ordered_scan() {
+    // Past eight parts the presence table is not built, and the parts' presence is
+    // applied rule set by rule set: 70 headers, each tested by two rules.
+    let rules: Vec<Value> = (0..140)
+        .map(|i| {
+            let when = match i % 2 {
+                0 => json!([{"header": format!("x-h{}", i / 2), "equals": "on"}]),
+                _ => json!([{"header": format!("x-h{}", i / 2), "present": false},
+                            {"header": "x-h0", "prefix": "o"}]),
+            };
+            json!({"name": format!("r{i}"), "when": when, "variant": "canary"})
+        })
+        .collect();
+    let doc = json!({"name": "p", "variants": ["stable", "canary"], "rules": rules});
+    let policy = Policy::from_value(&doc).expect("valid policy");
+    assert_eq!(policy.inputs.len(), 70);
+    let mut draws = Draws(5);
+    for _ in 0..2_000 {
+        let request: Vec<Option<Vec<u8>>> = (0..70)
+            .map(|_| match draws.below(4) {
+                0 => Some(b"on".to_vec()),
+                1 => Some(b"off".to_vec()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            policy.decide(request.as_slice(), || 0).rule,
+            ordered_scan(&policy, request.as_slice()),
+            "{request:?}"
+        );
+    }
+}
+
+#[test]
 fn a_hundred_tenant_rules_on_one_header_find_the_tenant() {
     let rules: Vec<Value> = (0..100)
         .map(|i| {
