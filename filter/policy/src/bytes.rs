@@ -113,21 +113,27 @@ mod tests {
         }
     }
 
-    #[test]
-    fn agrees_with_a_plain_search_on_drawn_bytes() {
-        let mut state = 0x9e37_79b9_7f4a_7c15u64;
-        let mut next = || {
+    /// 20,000 byte strings shorter than 40 bytes (five words), drawn from `alphabet` by
+    /// a fixed xorshift generator: small alphabets, so that the bytes sought appear
+    /// often, at random places.
+    fn drawn(mut state: u64, alphabet: &'static [u8]) -> impl Iterator<Item = Vec<u8>> {
+        let mut next = move || {
             state ^= state << 13;
             state ^= state >> 7;
             state ^= state << 17;
             state
         };
-        for _ in 0..20_000 {
-            let len = (next() % 40) as usize;
-            // A small alphabet so that the byte appears often, at random places.
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| b";=& a\x00\xff"[(next() % 7) as usize])
-                .collect();
+        (0..20_000).map(move |_| {
+            let len = next() % 40;
+            (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect()
+        })
+    }
+
+    #[test]
+    fn agrees_with_a_plain_search_on_drawn_bytes() {
+        for bytes in drawn(0x9e37_79b9_7f4a_7c15, b";=& a\x00\xff") {
             for byte in [b';', b'=', b'&', 0x00, 0xff, b'x'] {
                 assert_eq!(
                     find_byte(&bytes, byte),
@@ -140,18 +146,7 @@ mod tests {
 
     #[test]
     fn finds_the_first_of_two_bytes() {
-        let mut state = 0x2545_f491_4f6c_dd1du64;
-        let mut next = || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
-        for _ in 0..20_000 {
-            let len = (next() % 40) as usize;
-            let bytes: Vec<u8> = (0..len)
-                .map(|_| b"?#/a\x00"[(next() % 5) as usize])
-                .collect();
+        for bytes in drawn(0x2545_f491_4f6c_dd1d, b"?#/a\x00") {
             assert_eq!(
                 find_either(&bytes, b'?', b'#'),
                 bytes.iter().position(|b| *b == b'?' || *b == b'#'),

@@ -841,25 +841,36 @@ fn cookie_value_reference<'h>(header: &'h [u8], name: &[u8]) -> Option<&'h [u8]>
     })
 }
 
-#[test]
-fn cookie_parser_agrees_with_the_split_and_trim_reference() {
-    // Headers drawn from the bytes that matter to the parser, and names that occur in
-    // them, prefix one another, or not at all.
-    const ALPHABET: &[u8] = b" \t;=\"abpl";
-    let names: [&[u8]; 5] = [b"a", b"ab", b"b", b"pl", b"plan"];
-    let mut state: u64 = 7;
+/// 50,000 byte strings shorter than `max_len`, drawn from `alphabet` by a fixed
+/// generator (a failure reproduces): the inputs a parser is compared with its
+/// reference on.
+fn drawn_strings(
+    seed: u64,
+    alphabet: &'static [u8],
+    max_len: usize,
+) -> impl Iterator<Item = Vec<u8>> {
+    let mut state = seed;
     let mut next = move || {
         state = state
             .wrapping_mul(6_364_136_223_846_793_005)
             .wrapping_add(1_442_695_040_888_963_407);
         (state >> 33) as usize
     };
+    (0..50_000).map(move |_| {
+        let len = next() % max_len;
+        (0..len)
+            .map(|_| alphabet[next() % alphabet.len()])
+            .collect()
+    })
+}
+
+#[test]
+fn cookie_parser_agrees_with_the_split_and_trim_reference() {
+    // Headers drawn from the bytes that matter to the parser, and names that occur in
+    // them, prefix one another, or not at all.
+    let names: [&[u8]; 5] = [b"a", b"ab", b"b", b"pl", b"plan"];
     let mut matched = 0;
-    for _ in 0..50_000 {
-        let len = next() % 24;
-        let header: Vec<u8> = (0..len)
-            .map(|_| ALPHABET[next() % ALPHABET.len()])
-            .collect();
+    for header in drawn_strings(7, b" \t;=\"abpl", 24) {
         for name in names {
             let expected = cookie_value_reference(&header, name);
             assert_eq!(
@@ -917,21 +928,9 @@ fn query_parser_agrees_with_the_decode_everything_reference() {
     // Paths drawn from the bytes that matter to the parser (separators, escapes, the
     // fragment), long enough to span several eight-byte words, and names that occur
     // in them plainly, only when decoded, or not at all.
-    const ALPHABET: &[u8] = b"/?#&=%+ab20A";
     let names: [&[u8]; 6] = [b"a", b"ab", b"a b", b"b", b" ", b"a\x02"];
-    let mut state: u64 = 11;
-    let mut next = move || {
-        state = state
-            .wrapping_mul(6_364_136_223_846_793_005)
-            .wrapping_add(1_442_695_040_888_963_407);
-        (state >> 33) as usize
-    };
     let mut matched = 0;
-    for _ in 0..50_000 {
-        let len = next() % 40;
-        let path: Vec<u8> = (0..len)
-            .map(|_| ALPHABET[next() % ALPHABET.len()])
-            .collect();
+    for path in drawn_strings(11, b"/?#&=%+ab20A", 40) {
         for name in names {
             let expected = query_value_reference(&path, name);
             assert_eq!(
