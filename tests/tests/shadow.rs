@@ -713,21 +713,31 @@ async fn the_copy_token_changes_with_the_policy() {
         .wait_ecds_version("2", WAIT)
         .await
         .expect("version 2 applied");
-    // 99 %: sampling may skip a request; send until a copy arrives.
+    // 99 %: sampling may skip a request, so the count of copies is not the count of
+    // requests; and a worker may serve a request or two with version 1 while Envoy hands
+    // version 2 to every thread. Send until a copy carries a token other than the first.
     let mut second = None;
-    for n in 3..20 {
+    for _attempt in 0..20 {
+        let copies = shadow.count();
         send(&envoy, "GET", "/", &[], Vec::new()).await;
-        if shadow.wait_for(n, Duration::from_millis(500)).await >= n {
-            second = Some(assert_copy_token(
-                shadow.requests()[n - 1]
+        if shadow
+            .wait_for(copies + 1, Duration::from_millis(500))
+            .await
+            > copies
+        {
+            let newest = shadow.requests().len() - 1;
+            let token = assert_copy_token(
+                shadow.requests()[newest]
                     .header("x-meshcanary-shadow")
                     .as_deref(),
-            ));
-            break;
+            );
+            if token != first {
+                second = Some(token);
+                break;
+            }
         }
     }
-    let second = second.expect("a copy under the new policy");
-    assert_ne!(second, first, "a new policy, a new token");
+    let second = second.expect("a copy with a new token within 20 requests of the new policy");
 
     // The old token is now just another forged marker: counted as live.
     let forged_before = envoy.counter(&stat("forged_marker")).await;
