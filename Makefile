@@ -10,6 +10,8 @@
 #   make bench     what the filter costs, side by side with native Envoy and an empty
 #                  wasm filter, measured alternately in one run; prints one table and
 #                  writes target/bench/results.json (< 5 minutes)
+#   make bench-mirroring  only the mirroring targets' rows (4b, 4c, 5b, 5c), 20 rounds,
+#                  judged by the median's 95 % interval; target/bench/mirroring.json (~8 minutes)
 #   make bench-host-calls  what each kind of host call the filter makes costs in real
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
 #   make bench-costs  the filter's cost per request counted deterministically: the real
@@ -24,7 +26,7 @@
 #   make bench-growth  the grown policies of bench-costs, each counted like row 3 in
 #                  Envoy under callgrind: their cost per request × the bench policy's
 #                  (target/bench/growth.json, ~8 minutes)
-#   make bench-smoke  every mode (main, host calls, --compare, and --instructions for
+#   make bench-smoke  every mode (main, host calls, --compare, --mirroring, and --instructions for
 #                  row 3 and a grown policy) with tiny durations: checks they work (in make test)
 #   make soak      the filter under load for 10 minutes (SOAK_SECONDS=…) with mirroring,
 #                  a policy update a second and a misbehaving shadow: no failed request,
@@ -80,7 +82,7 @@ export MESHCANARY_TRAP_WASM := $(abspath target/wasm/meshcanary_filter_test_trap
 export MESHCANARY_FLAGD_PYTHON := $(abspath $(VENV)/bin/python)
 export WASM_BINDGEN_TEST_RUNNER := $(abspath $(RUNNER))
 
-.PHONY: bench-costs bench-profile bench-growth bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
+.PHONY: bench-mirroring bench-costs bench-profile bench-growth bench-instructions valgrind envoy-matrix soak soak-smoke help test wasm wasm-test-trap envoy venv toolchain fmt fmt-check lint unit unit-wasm e2e clean demo manifests crd bench bench-host-calls bench-smoke bench-deps wrk bench-controller bench-controller-smoke oci registry-tools chromium fuzz fuzz-smoke simulate-peers
 
 help:
 	@sed -n 's/^#   //p' Makefile
@@ -309,6 +311,12 @@ bench: bench-deps
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench
 
+# Only the mirroring targets' rows (4b, 4c, 5b, 5c), 20 rounds: enough for the median's
+# 95 % interval to decide what five rounds' range cannot (about 8 minutes).
+bench-mirroring: bench-deps
+	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
+	./target/release/meshcanary-bench --mirroring $(BENCH_MIRRORING_ARGS)
+
 # Each host call the filter makes, 20 times a request in filter/bench-probe, against the
 # probe making none; measured alternately like `make bench`.
 bench-host-calls: bench-deps
@@ -358,6 +366,7 @@ bench-smoke: bench-deps valgrind
 	./target/debug/meshcanary-bench --smoke --out target/bench/smoke.json
 	./target/debug/meshcanary-bench --host-calls --smoke --out target/bench/host-calls-smoke.json
 	./target/debug/meshcanary-bench --compare $(WASM) --smoke --out target/bench/compare-smoke.json
+	./target/debug/meshcanary-bench --mirroring --smoke --out target/bench/mirroring-smoke.json
 	./target/debug/meshcanary-bench --instructions --rows 3 --smoke --out target/bench/instructions-smoke.json
 	$(CARGO) build --locked -p meshcanary-costs --bin meshcanary-costs
 	./target/debug/meshcanary-costs --write-policies target/bench/policies

@@ -91,6 +91,11 @@ struct Args {
     /// Delay of the primary upstream in the latency rows, ms (the shadow waits 20× as long).
     #[arg(long, default_value_t = 5)]
     primary_ms: u64,
+    /// Instead of the main run: only the rows the mirroring targets compare (4b, 4c, 5b,
+    /// 5c), 20 rounds unless --rounds says otherwise, each target judged by the median's
+    /// 95 % interval over the rounds. Writes target/bench/mirroring.json.
+    #[arg(long)]
+    mirroring: bool,
     /// The empty module (`scripts/build-wasm.sh bench-empty`).
     #[arg(long)]
     empty_wasm: Option<PathBuf>,
@@ -137,6 +142,8 @@ struct Plan {
     keep_dumps: Option<PathBuf>,
     /// With `--instructions`: the rows counted (empty: every throughput row).
     rows: Vec<String>,
+    /// Instead of the main run, `--mirroring`: only the mirroring targets' rows.
+    mirroring: bool,
     /// Instead of the main run, `--compare`: the modules to compare.
     compare: Vec<PathBuf>,
     /// With `--instructions`: the policies to count row 3 with (file name, policy),
@@ -149,11 +156,22 @@ impl Plan {
     fn from_args(args: Args) -> Result<Plan, String> {
         let rounds = args
             .rounds
-            .unwrap_or(match (args.smoke, args.instructions) {
-                (true, _) => 1,
-                (false, true) => 2,
-                (false, false) => 5,
+            .unwrap_or(match (args.smoke, args.instructions, args.mirroring) {
+                (true, _, _) => 1,
+                (false, true, _) => 2,
+                (false, false, true) => 20,
+                (false, false, false) => 5,
             });
+        let modes = [args.host_calls, args.instructions, args.mirroring];
+        if modes.iter().filter(|on| **on).count() > 1
+            || (args.mirroring && !args.compare.is_empty())
+        {
+            return Err(
+                "--host-calls, --instructions and --mirroring: one at a time \
+                        (and --mirroring without --compare)"
+                    .into(),
+            );
+        }
         let requests = args
             .requests
             .unwrap_or(if args.smoke { 100 } else { 2_000 });
@@ -192,6 +210,8 @@ impl Plan {
                 "target/bench/instructions.json"
             } else if !args.compare.is_empty() {
                 "target/bench/compare.json"
+            } else if args.mirroring {
+                "target/bench/mirroring.json"
             } else {
                 "target/bench/results.json"
             })
@@ -238,6 +258,7 @@ impl Plan {
             keep_dumps: args.keep_dumps,
             cache_sim: args.cache_sim,
             rows: args.rows,
+            mirroring: args.mirroring,
             compare: args.compare,
             policies,
             out,
@@ -319,7 +340,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
     );
 
     // --- 1. the native microbenchmark, before anything else competes for the CPU -------
-    let timings = if plan.compare.is_empty() {
+    let timings = if plan.compare.is_empty() && !plan.mirroring {
         micro::run(plan.micro_budget)?
     } else {
         Vec::new()
@@ -348,10 +369,15 @@ async fn run(plan: &Plan) -> Result<(), String> {
         fast_shadow: fast_shadow.addr,
         slow_shadow: slow_shadow.addr,
     };
-    let setups = if plan.compare.is_empty() {
-        setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)
-    } else {
+    let setups = if !plan.compare.is_empty() {
         setups::compare(&addrs, &plan.empty_wasm, &plan.compare)
+    } else if plan.mirroring {
+        setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)
+            .into_iter()
+            .filter(|s| MIRRORING_ROWS.contains(&s.id.as_str()))
+            .collect()
+    } else {
+        setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)
     };
     let measured = alternate(plan, &script, setups, started).await?;
 
@@ -362,6 +388,9 @@ async fn run(plan: &Plan) -> Result<(), String> {
     if !plan.compare.is_empty() {
         return report_comparison(plan, &measured);
     }
+    if plan.mirroring {
+        return report_mirroring(plan, &measured, started);
+    }
     let find = |id: &str| {
         measured
             .iter()
@@ -369,8 +398,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
             .ok_or_else(|| format!("configuration {id} missing"))
     };
     let (native, empty) = (find("native")?, find("empty_wasm")?);
-    let (routed, plain_upstream) = (find("meshcanary")?, find("upstream_meshcanary")?);
-    let slow_mirror = find("upstream_meshcanary_slow_shadow")?;
+    let routed = find("meshcanary")?;
 
     println!("\nThroughput: Envoy answers itself (direct response); median (min–max) over the rounds; ratios are per round, then the median.\n");
     print!("{}", report::throughput_table(&measured, native, empty));
@@ -426,28 +454,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
         .fold(0.0, f64::max);
     let routing_ratio = routed.ratio(empty, wrk::Run::rps);
     let cpu_over_empty = routed.difference(empty, |r| r.cpu_us_per_request().unwrap_or(f64::NAN));
-    // Primary p99 with the slow shadow over without, meshcanary's mirroring (4c / 4b)
-    // against Envoy's own (5c / 5b), round by round.
-    let native_mirror = find("upstream_native_slow_mirror")?;
-    let native_plain = find("upstream_native_weighted")?;
-    let p99 = |r: &wrk::Run| r.p99_us as f64;
-    let mirror_p99_vs_envoy = {
-        let ours: Vec<f64> = slow_mirror
-            .runs
-            .iter()
-            .zip(&plain_upstream.runs)
-            .map(|(a, b)| p99(a) / p99(b))
-            .collect();
-        let envoys: Vec<f64> = native_mirror
-            .runs
-            .iter()
-            .zip(&native_plain.runs)
-            .map(|(a, b)| p99(a) / p99(b))
-            .collect();
-        let per_round: Vec<f64> = ours.iter().zip(&envoys).map(|(o, e)| o / e).collect();
-        Spread::of(&per_round)
-    };
-    let p50_ratio_slow_shadow = slow_mirror.ratio(plain_upstream, |r| r.p50_us as f64);
+    let [mirror_p99_target, mirror_p50_target] = mirroring_targets(&measured)?;
     let rss_over_empty_mib = match (routed.rss_kib, empty.rss_kib) {
         (Some(a), Some(b)) => (a as f64 - b as f64) / 1024.0,
         _ => f64::NAN,
@@ -462,7 +469,8 @@ async fn run(plan: &Plan) -> Result<(), String> {
             per_round: Some(routing_ratio),
         },
         Target {
-            name: "full routing policy, Envoy CPU per request over the empty filter (row 3 − row 2)",
+            name:
+                "full routing policy, Envoy CPU per request over the empty filter (row 3 − row 2)",
             value: cpu_over_empty.median,
             limit: 5.0,
             at_least: false,
@@ -477,22 +485,8 @@ async fn run(plan: &Plan) -> Result<(), String> {
             unit: " ns",
             per_round: None,
         },
-        Target {
-            name: "primary p99 with every GET mirrored to a 20× slower shadow, meshcanary ÷ Envoy's own mirroring ((4c / 4b) ÷ (5c / 5b))",
-            value: mirror_p99_vs_envoy.median,
-            limit: 1.0,
-            at_least: false,
-            unit: "",
-            per_round: Some(mirror_p99_vs_envoy),
-        },
-        Target {
-            name: "primary p50 with every GET mirrored to the slow shadow × without (row 4c / row 4b), unchanged within 5 %",
-            value: p50_ratio_slow_shadow.median,
-            limit: 1.05,
-            at_least: false,
-            unit: "",
-            per_round: Some(p50_ratio_slow_shadow),
-        },
+        mirror_p99_target,
+        mirror_p50_target,
         Target {
             name: "meshcanary module size",
             value: meshcanary_bytes as f64 / 1000.0,
@@ -577,7 +571,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
         "shadow_delay_ms": shadow_delay.as_millis() as u64,
         "configurations": measured.iter().map(|m| report::measured_json(m, native, empty)).collect::<Vec<_>>(),
         "module_bytes": {"meshcanary": meshcanary_bytes, "empty": empty_bytes},
-        "decision_ns": timings.iter().map(|t| (t.id.to_string(), Spread { median: t.ns[0], min: t.ns[1], max: t.ns[2] }.json())).collect::<serde_json::Map<_, _>>(),
+        "decision_ns": timings.iter().map(|t| (t.id.to_string(), Spread::range(t.ns[0], t.ns[1], t.ns[2]).json())).collect::<serde_json::Map<_, _>>(),
         "targets": targets.iter().map(Target::json).collect::<Vec<_>>(),
         "context": context,
         "elapsed_s": started.elapsed().as_secs_f64(),
@@ -596,8 +590,126 @@ async fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
-/// One request through a fresh Envoy must be answered 200, or the configuration is wrong
-/// and its numbers would measure an error path.
+/// The rows `--mirroring` runs: meshcanary routing to a real upstream without and with
+/// mirroring to the slow shadow (4b, 4c), and Envoy's own routing and mirroring (5b, 5c).
+const MIRRORING_ROWS: [&str; 4] = [
+    "upstream_meshcanary",
+    "upstream_meshcanary_slow_shadow",
+    "upstream_native_weighted",
+    "upstream_native_slow_mirror",
+];
+
+/// The mirroring targets, from the rows of [`MIRRORING_ROWS`]: primary p99 with the slow
+/// shadow over without, meshcanary's mirroring (4c / 4b) against Envoy's own (5c / 5b)
+/// round by round; and primary p50 with the slow shadow over without (4c / 4b).
+fn mirroring_targets(measured: &[Measured]) -> Result<[Target; 2], String> {
+    let find = |id: &str| {
+        measured
+            .iter()
+            .find(|m| m.setup.id == id)
+            .ok_or_else(|| format!("configuration {id} missing"))
+    };
+    let [plain, mirrored, native_plain, native_mirrored] = MIRRORING_ROWS;
+    let (plain, mirrored) = (find(plain)?, find(mirrored)?);
+    let (native_plain, native_mirrored) = (find(native_plain)?, find(native_mirrored)?);
+    let p99 = |r: &wrk::Run| r.p99_us as f64;
+    let per_round: Vec<f64> = mirrored
+        .runs
+        .iter()
+        .zip(&plain.runs)
+        .zip(native_mirrored.runs.iter().zip(&native_plain.runs))
+        .map(|((m, p), (nm, np))| (p99(m) / p99(p)) / (p99(nm) / p99(np)))
+        .collect();
+    let p99_vs_envoy = Spread::of(&per_round);
+    let p50_ratio = mirrored.ratio(plain, |r| r.p50_us as f64);
+    Ok([
+        Target {
+            name: "primary p99 with every GET mirrored to a 20× slower shadow, meshcanary ÷ Envoy's own mirroring ((4c / 4b) ÷ (5c / 5b))",
+            value: p99_vs_envoy.median,
+            limit: 1.0,
+            at_least: false,
+            unit: "",
+            per_round: Some(p99_vs_envoy),
+        },
+        Target {
+            name: "primary p50 with every GET mirrored to the slow shadow × without (row 4c / row 4b), unchanged within 5 %",
+            value: p50_ratio.median,
+            limit: 1.05,
+            at_least: false,
+            unit: "",
+            per_round: Some(p50_ratio),
+        },
+    ])
+}
+
+/// `--mirroring`'s report: the latency table, the two targets with the median's 95 %
+/// interval, every round's ratio, and the JSON record.
+fn report_mirroring(plan: &Plan, measured: &[Measured], started: Instant) -> Result<(), String> {
+    println!(
+        "\nPrimary latency with a slow shadow, {} rounds; median (min–max) over the rounds; ratios are per round, then the median.\n",
+        plan.rounds
+    );
+    print!("{}", report::latency_table(measured));
+    let targets = mirroring_targets(measured)?;
+    if plan.smoke {
+        println!(
+            "\nTargets (issue 12): not judged in smoke mode (durations too short to mean anything)"
+        );
+    } else {
+        println!("\nTargets (issue 12), judged by the median's 95 % interval over the rounds:");
+        for target in &targets {
+            println!("  {}", target.line());
+        }
+    }
+    let configurations: Vec<Value> = measured
+        .iter()
+        .map(|m| {
+            json!({
+                "row": m.setup.row,
+                "id": m.setup.id,
+                "title": m.setup.title,
+                "rps": m.rps().json(),
+                "p50_ms": m.p50_ms().json(),
+                "p99_ms": m.p99_ms().json(),
+                "envoy_cpu_us_per_request": m.cpu_us().json(),
+                "failed_requests": m.failed(),
+                "runs": m.runs.iter().map(|r| json!({"rps": r.rps(), "p50_us": r.p50_us, "p99_us": r.p99_us})).collect::<Vec<_>>(),
+            })
+        })
+        .collect();
+    let record = json!({
+        "schema": "meshcanary-bench-mirroring/1",
+        "mode": if plan.smoke { "smoke" } else { "full" },
+        "git_commit": git_commit(),
+        "machine": machine(),
+        "rounds": plan.rounds,
+        "duration_s": plan.duration.as_secs(),
+        "warmup_s": plan.warmup.as_secs(),
+        "latency_connections": plan.latency_connections,
+        "primary_delay_ms": plan.primary_delay.as_millis() as u64,
+        "configurations": configurations,
+        "targets": targets.iter().map(Target::json).collect::<Vec<_>>(),
+        "elapsed_s": started.elapsed().as_secs_f64(),
+    });
+    report::write_json(&plan.out, &record)?;
+    println!("\nResults written to {}", plan.out.display());
+    if plan.smoke {
+        smoke_check(measured, &[], &plan.out)?;
+        println!(
+            "meshcanary-bench: smoke check passed (every mirroring row measured, JSON written)"
+        );
+        return Ok(());
+    }
+    match measured.iter().find(|m| m.failed() > 0) {
+        Some(m) => Err(format!(
+            "row {}: {} requests failed",
+            m.setup.row,
+            m.failed()
+        )),
+        None => Ok(()),
+    }
+}
+
 /// `--compare`'s report: the table, and the JSON record.
 fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
     let (empty, first) = match measured {
@@ -882,6 +994,8 @@ async fn alternate(
     Ok(measured)
 }
 
+/// One request through a fresh Envoy must be answered 200, or the configuration is wrong
+/// and its numbers would measure an error path.
 async fn check_answers(envoy: &Envoy, setup: &Setup) -> Result<(), String> {
     let answer = envoy
         .client()

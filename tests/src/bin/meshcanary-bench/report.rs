@@ -6,12 +6,17 @@ use crate::micro::Timing;
 use crate::setups::{Family, Setup};
 use crate::wrk::Run;
 
-/// Median, minimum and maximum of a set of values.
+/// Median, minimum and maximum of a set of values, and how far the median can be trusted.
 #[derive(Debug, Clone, Copy)]
 pub struct Spread {
     pub median: f64,
     pub min: f64,
     pub max: f64,
+    /// A 95 % confidence interval for the median, from the sorted values themselves
+    /// (order statistics: no assumption about the noise's distribution). With fewer than
+    /// six values no such interval exists, and this is the whole range (`min`, `max`).
+    pub low: f64,
+    pub high: f64,
 }
 
 impl Spread {
@@ -19,28 +24,50 @@ impl Spread {
     pub fn of(values: &[f64]) -> Spread {
         let mut sorted: Vec<f64> = values.iter().copied().filter(|v| v.is_finite()).collect();
         if sorted.is_empty() {
-            return Spread {
-                median: 0.0,
-                min: 0.0,
-                max: 0.0,
-            };
+            return Spread::range(0.0, 0.0, 0.0);
         }
         sorted.sort_by(f64::total_cmp);
-        let mid = sorted.len() / 2;
-        let median = if !sorted.len().is_multiple_of(2) {
+        let n = sorted.len();
+        let mid = n / 2;
+        let median = if !n.is_multiple_of(2) {
             sorted[mid]
         } else {
             (sorted[mid - 1] + sorted[mid]) / 2.0
         };
+        // The k-th smallest and k-th largest value bound the median with probability
+        // 1 − 2·P(Binomial(n, ½) < k); take the tightest pair that keeps it ≥ 95 %.
+        let (low, high) = match median_interval_rank(n) {
+            Some(k) => (sorted[k - 1], sorted[n - k]),
+            None => (sorted[0], sorted[n - 1]),
+        };
         Spread {
             median,
             min: sorted[0],
-            max: sorted[sorted.len() - 1],
+            max: sorted[n - 1],
+            low,
+            high,
         }
     }
 
+    /// A spread known only by its median and range (no values to bound the median with).
+    pub fn range(median: f64, min: f64, max: f64) -> Spread {
+        Spread {
+            median,
+            min,
+            max,
+            low: min,
+            high: max,
+        }
+    }
+
+    /// Whether the 95 % interval is tighter than the range (there were enough values).
+    pub fn has_interval(&self) -> bool {
+        self.low > self.min || self.high < self.max
+    }
+
     pub fn json(&self) -> Value {
-        json!({"median": self.median, "min": self.min, "max": self.max})
+        json!({"median": self.median, "min": self.min, "max": self.max,
+               "median_interval_95": [self.low, self.high]})
     }
 
     /// `median (min–max)` with `decimals` digits; thousands separated when 0.
@@ -54,6 +81,25 @@ impl Spread {
         };
         format!("{} ({}–{})", f(self.median), f(self.min), f(self.max))
     }
+}
+
+/// The largest k with P(Binomial(n, ½) ≤ k − 1) ≤ 2.5 %: the rank of the order
+/// statistics that bound the median with at least 95 % confidence. `None` below six
+/// values, where even the smallest and largest bound it with less (93.75 % for five).
+pub fn median_interval_rank(n: usize) -> Option<usize> {
+    // P(B ≤ j) for j = 0, 1, …, summed in floating point: n stays in the tens.
+    let mut below = 0.0; // P(B ≤ k − 1) for the k tried next
+    let mut term = 0.5f64.powi(n as i32); // P(B = 0)
+    let mut best = None;
+    for k in 1..=n / 2 {
+        below += term; // now P(B ≤ k − 1)
+        if below > 0.025 {
+            break;
+        }
+        best = Some(k);
+        term *= (n - (k - 1)) as f64 / k as f64; // P(B = k)
+    }
+    best
 }
 
 /// The `--instructions` table: per row, Envoy's instructions per request, and what each
@@ -261,7 +307,8 @@ pub struct Target {
     pub at_least: bool,
     pub unit: &'static str,
     /// For a value measured once per round: its spread over the rounds. When the limit
-    /// lies inside it the verdict is not decisive — this machine's noise decides it.
+    /// lies inside the median's 95 % interval (with five rounds: inside the range) the
+    /// verdict is not decisive — this machine's noise decides it.
     pub per_round: Option<Spread>,
 }
 
@@ -274,13 +321,13 @@ impl Target {
         }
     }
 
-    /// Whether every round fell on the same side of the limit (true when there are no
-    /// rounds to disagree).
+    /// Whether the median's 95 % interval lies on one side of the limit — with too few
+    /// rounds for one, whether every round did (true when there are no rounds).
     pub fn decisive(&self) -> bool {
         !self
             .per_round
             .as_ref()
-            .is_some_and(|r| r.min < self.limit && self.limit < r.max)
+            .is_some_and(|r| r.low < self.limit && self.limit < r.high)
     }
 
     pub fn json(&self) -> Value {
@@ -292,6 +339,7 @@ impl Target {
         if let Some(r) = &self.per_round {
             record["per_round_min"] = json!(r.min);
             record["per_round_max"] = json!(r.max);
+            record["median_interval_95"] = json!([r.low, r.high]);
         }
         record
     }
@@ -299,9 +347,14 @@ impl Target {
     pub fn line(&self) -> String {
         let rounds = match &self.per_round {
             Some(r) => format!(
-                "; per round {:.3}–{:.3}{}",
+                "; per round {:.3}–{:.3}{}{}",
                 r.min,
                 r.max,
+                if r.has_interval() {
+                    format!(", the median's 95 % interval {:.3}–{:.3}", r.low, r.high)
+                } else {
+                    String::new()
+                },
                 if self.decisive() {
                     ""
                 } else {
@@ -402,11 +455,7 @@ pub fn latency_table(all: &[Measured]) -> String {
 pub fn micro_table(timings: &[Timing]) -> String {
     let mut out = String::from("| decision | ns per decision |\n|---|---|\n");
     for t in timings {
-        let spread = Spread {
-            median: t.ns[0],
-            min: t.ns[1],
-            max: t.ns[2],
-        };
+        let spread = Spread::range(t.ns[0], t.ns[1], t.ns[2]);
         out += &format!("| {} | {} |\n", t.title, spread.cell(1));
     }
     out
@@ -471,7 +520,7 @@ mod tests {
             limit: 0.85,
             at_least: true,
             unit: "",
-            per_round: Some(Spread { median, min, max }),
+            per_round: Some(Spread::range(median, min, max)),
         };
         let straddling = target(0.73, 0.84, 0.87);
         assert!(!straddling.met() && !straddling.decisive());
@@ -490,6 +539,58 @@ mod tests {
         };
         assert!(once.decisive());
         assert!(!once.line().contains("per round"));
+    }
+
+    #[test]
+    fn the_median_interval_uses_binomial_ranks() {
+        // P(Binomial(n, ½) ≤ k − 1) ≤ 2.5 % < P(… ≤ k), from the binomial table.
+        for (n, k) in [
+            (5, None),
+            (6, Some(1)),
+            (10, Some(2)),
+            (20, Some(6)),
+            (40, Some(14)),
+        ] {
+            assert_eq!(median_interval_rank(n), k, "n = {n}");
+        }
+        let values: Vec<f64> = (1..=20).rev().map(f64::from).collect();
+        let s = Spread::of(&values);
+        assert_eq!(
+            (s.min, s.low, s.median, s.high, s.max),
+            (1.0, 6.0, 10.5, 15.0, 20.0)
+        );
+        assert!(s.has_interval());
+        let five = Spread::of(&[5.0, 1.0, 3.0, 2.0, 4.0]);
+        assert_eq!((five.low, five.high), (1.0, 5.0));
+        assert!(!five.has_interval());
+    }
+
+    #[test]
+    fn enough_rounds_decide_a_target_whose_range_straddles_the_limit() {
+        // Twenty rounds, two of them above the limit: the range straddles it, the
+        // median's interval (the 6th to the 15th value) does not.
+        let mut values: Vec<f64> = (0..18).map(|i| 0.80 + 0.01 * f64::from(i)).collect();
+        values.extend([1.05, 1.10]);
+        let target = |values: &[f64]| Target {
+            name: "p99 ratio",
+            value: Spread::of(values).median,
+            limit: 1.0,
+            at_least: false,
+            unit: "",
+            per_round: Some(Spread::of(values)),
+        };
+        let decided = target(&values);
+        assert!(decided.met() && decided.decisive());
+        assert!(decided
+            .line()
+            .contains("per round 0.800–1.100, the median's 95 % interval 0.850–0.940"));
+        assert!(!decided.line().contains("inside"));
+        // The same shape around the limit: undecided.
+        let around: Vec<f64> = values.iter().map(|v| v + 0.12).collect();
+        let undecided = target(&around);
+        assert!(!undecided.decisive());
+        assert!(undecided.line().ends_with("the limit inside it)"));
+        assert_eq!(undecided.json()["decisive"], false);
     }
 
     #[test]
