@@ -495,6 +495,24 @@ impl Envoy {
 }
 
 impl Envoy {
+    /// Waits until all counters and gauges together satisfy `done` (say, until every
+    /// counter a test expects has reached its value: counters only grow, so a read after
+    /// that is not stale); returns them as last read either way, for the assertions.
+    pub async fn wait_stats(
+        &self,
+        timeout: Duration,
+        done: impl Fn(&HashMap<String, u64>) -> bool,
+    ) -> HashMap<String, u64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let stats = self.stats_now().await;
+            if done(&stats) || Instant::now() > deadline {
+                return stats;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until counter `name` satisfies `done`; returns its last value either way.
     pub async fn wait_counter(
         &self,

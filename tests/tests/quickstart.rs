@@ -1,6 +1,8 @@
 //! The README's quick start, exactly as a newcomer runs it: the committed example
 //! configuration, with only its ports changed so tests never collide.
 
+use std::time::Duration;
+
 use meshcanary_e2e::{assert_no_wasm_failure, get, paths, Envoy};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -38,9 +40,12 @@ async fn quickstart_example_routes_as_the_readme_says() {
             first
         );
     }
+    // The filter flushes its counts every 100 ms, later on a busy machine: wait for the
+    // count (bounded), then check it.
+    let qa = "wasmcustom.meshcanary.checkout.rule.qa.matches";
     assert_eq!(
         envoy
-            .counter("wasmcustom.meshcanary.checkout.rule.qa.matches")
+            .wait_counter(qa, Duration::from_secs(10), |v| v == 1)
             .await,
         1
     );

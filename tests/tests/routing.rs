@@ -3,6 +3,7 @@
 //! natively, so these tests also prove that the module inside Envoy decides exactly as
 //! the native core (and hence the controller) does.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -12,6 +13,12 @@ use meshcanary_e2e::{
 };
 use meshcanary_policy::{Action, Policy};
 use serde_json::{json, Value};
+
+/// How long a test waits for the filter's counts to reach Envoy's stats. The filter
+/// flushes every 100 ms, but a busy machine can delay a worker's flush well beyond that:
+/// tests poll until a counter has its expected value (or never gets there), instead of
+/// reading it once after a fixed wait.
+const WAIT: Duration = Duration::from_secs(10);
 
 /// Starts Envoy with an inline policy in front of a `stable` and a `canary` upstream.
 async fn start(policy: &Value) -> (Envoy, Upstream, Upstream) {
@@ -87,6 +94,14 @@ fn split_policy(canary_weight: u64) -> Value {
 /// Request headers as the client sends them.
 type Headers<'a> = &'a [(&'a str, &'a [u8])];
 
+/// Counter `wasmcustom.meshcanary.counted.<name>` in `stats` (0 when absent).
+fn counted(stats: &HashMap<String, u64>, name: &str) -> u64 {
+    stats
+        .get(&format!("wasmcustom.meshcanary.counted.{name}"))
+        .copied()
+        .unwrap_or(0)
+}
+
 fn user_ids(n: usize) -> Vec<String> {
     (0..n).map(|i| format!("user-{i}")).collect()
 }
@@ -142,18 +157,10 @@ async fn header_rule_routes_to_canary_and_everything_else_to_stable() {
     for r in stable.requests() {
         assert_eq!(r.header("x-meshcanary-variant").as_deref(), Some("stable"));
     }
-    assert_eq!(
-        envoy
-            .counter("wasmcustom.meshcanary.checkout.rule.qa.matches")
-            .await,
-        2
-    );
-    assert_eq!(
-        envoy
-            .counter("wasmcustom.meshcanary.checkout.fallback")
-            .await,
-        3
-    );
+    let qa = "wasmcustom.meshcanary.checkout.rule.qa.matches";
+    assert_eq!(envoy.wait_counter(qa, WAIT, |v| v == 2).await, 2);
+    let fallback = "wasmcustom.meshcanary.checkout.fallback";
+    assert_eq!(envoy.wait_counter(fallback, WAIT, |v| v == 3).await, 3);
     assert_no_wasm_failure(&envoy.log());
 }
 
@@ -192,24 +199,14 @@ async fn cookie_and_query_rules_route_as_specified() {
         assert_eq!(answer.status, 200);
         assert_eq!(&answer.upstream, expected, "{path} {headers:?}");
     }
-    assert_eq!(
-        envoy
-            .counter("wasmcustom.meshcanary.shop.rule.beta.matches")
-            .await,
-        3
-    );
-    assert_eq!(
-        envoy
-            .counter("wasmcustom.meshcanary.shop.rule.preview.matches")
-            .await,
-        2
-    );
-    assert_eq!(
-        envoy
-            .counter("wasmcustom.meshcanary.shop.rule.ring.matches")
-            .await,
-        1
-    );
+    for (rule, expected) in [("beta", 3), ("preview", 2), ("ring", 1)] {
+        let name = format!("wasmcustom.meshcanary.shop.rule.{rule}.matches");
+        assert_eq!(
+            envoy.wait_counter(&name, WAIT, |v| v == expected).await,
+            expected,
+            "{name}"
+        );
+    }
     assert_no_wasm_failure(&envoy.log());
 }
 
@@ -471,13 +468,35 @@ async fn per_variant_counters_equal_what_the_upstreams_saw() {
         let answer = get(&envoy, "/", &[("x-to", b"broken")]).await;
         assert_eq!((answer.status, answer.upstream.as_str()), (503, ""));
     }
-    let stats = envoy.stats().await;
-    let stat = |name: &str| {
-        stats
-            .get(&format!("wasmcustom.meshcanary.counted.{name}"))
-            .copied()
-            .unwrap_or(0)
+    // Until every request's counts have reached Envoy (each of these sums counts every
+    // request once), then exactly as below.
+    let total = (n_stable + n_canary + n_broken) as u64;
+    let sum = |stats: &HashMap<String, u64>, names: [&str; 3]| -> u64 {
+        names.iter().map(|n| counted(stats, n)).sum()
     };
+    let stats = envoy
+        .wait_stats(WAIT, |stats| {
+            let requests = [
+                "variant.stable.requests",
+                "variant.canary.requests",
+                "variant.broken.requests",
+            ];
+            let responses = [
+                "variant.stable.responses.2xx",
+                "variant.canary.responses.5xx",
+                "variant.broken.responses.5xx",
+            ];
+            let decisions = [
+                "rule.to-canary.matches",
+                "rule.to-broken.matches",
+                "fallback",
+            ];
+            [requests, responses, decisions]
+                .into_iter()
+                .all(|names| sum(stats, names) >= total)
+        })
+        .await;
+    let stat = |name: &str| counted(&stats, name);
     assert_eq!(stable.count(), n_stable);
     assert_eq!(canary.count(), n_canary);
     assert_eq!(stat("variant.stable.requests"), stable.count() as u64);
@@ -513,8 +532,9 @@ async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
     apply_ecds(envoy, &rig.ecds, "2", &split_policy(30)).await;
     let second = route_keys(envoy, "x-user-id", &user_ids(200), 2).await;
 
-    let stats = envoy.stats().await;
-    let requests = |variant: &str| {
+    let answered = (first.len() + second.len()) as u64;
+    assert_eq!(answered, 500);
+    let requests_of = |stats: &HashMap<String, u64>, variant: &str| {
         stats
             .get(&format!(
                 "wasmcustom.meshcanary.checkout.variant.{variant}.requests"
@@ -522,8 +542,16 @@ async fn counts_made_just_before_an_ecds_update_are_flushed_exactly_once() {
             .copied()
             .unwrap_or(0)
     };
-    let answered = (first.len() + second.len()) as u64;
-    assert_eq!(answered, 500);
+    // Until every answered request is counted (a count the old root never flushed keeps
+    // the sum short for good); then `stats()` reads again after more than a flush period,
+    // so that a count flushed twice shows in what the assertions see.
+    envoy
+        .wait_stats(WAIT, |stats| {
+            requests_of(stats, "stable") + requests_of(stats, "canary") >= answered
+        })
+        .await;
+    let stats = envoy.stats().await;
+    let requests = |variant: &str| requests_of(&stats, variant);
     assert_eq!(
         (requests("stable"), requests("canary")),
         (rig.stable.count() as u64, rig.canary.count() as u64),
@@ -613,17 +641,17 @@ async fn bad_input_never_fails_a_request_and_is_routed_as_the_core_decides() {
         let answer = get(&envoy, "/", &[("x-user-id", &[0xc3, 0x28, 0xa0, 0xa1])]).await;
         assert_eq!(answer.status, 200);
     }
-    let stats = envoy.stats().await;
+    // No usable x-user-id and no earlier rule matched: cases 1, 5, 6, 7 and 8.
+    let key_missing = "wasmcustom.meshcanary.hostile.rule.rollout.key_missing";
+    let stats = envoy
+        .wait_stats(WAIT, |stats| stats.get(key_missing) == Some(&5))
+        .await;
     for error in ["read_header", "set_header", "read_status", "clock"] {
         assert_eq!(
             stats.get(&format!("wasmcustom.meshcanary.hostile.errors.{error}")),
             Some(&0)
         );
     }
-    // No usable x-user-id and no earlier rule matched: cases 1, 5, 6, 7 and 8.
-    assert_eq!(
-        stats.get("wasmcustom.meshcanary.hostile.rule.rollout.key_missing"),
-        Some(&5)
-    );
+    assert_eq!(stats.get(key_missing), Some(&5));
     assert_no_wasm_failure(&envoy.log());
 }
