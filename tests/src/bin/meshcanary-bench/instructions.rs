@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use meshcanary_e2e::Envoy;
 use serde_json::{json, Value};
 
-use crate::setups::{Family, Setup, WORKERS};
+use crate::setups::{Family, Setup, SHADOW_CLUSTER, WORKERS};
 
 /// How long Envoy may take to start under valgrind (V8 compiles the module first).
 const READY_WITHIN: Duration = Duration::from_secs(300);
@@ -43,9 +43,11 @@ pub struct Counted {
     pub events: Vec<Vec<(String, f64)>>,
 }
 
-/// The rows counted: the throughput family (Envoy answers itself), without mirroring
-/// (a copy is a second request, which this one-connection client would count as the
-/// primary's).
+/// The rows counted by default: the throughput family (Envoy answers itself), without
+/// mirroring (a copy is a second request, which this one-connection client would count
+/// as the primary's). `--rows` names any row, the mirroring ones included: then what is
+/// counted is the primary and its copy together, which is what comparing two ways of
+/// mirroring needs.
 pub fn rows(all: Vec<Setup>) -> Vec<Setup> {
     all.into_iter()
         .filter(|s| s.family == Family::Throughput && s.id != "meshcanary_mirror")
@@ -140,15 +142,28 @@ async fn count_one(
             }
             std::fs::copy(&dump, keep).map_err(|e| format!("{}: {e}", keep.display()))?;
         }
-        if setup.id == "meshcanary"
+        let stats = envoy.stats().await;
+        let sent = (warmup + requests) as u64;
+        if setup.id.contains("mirror") || setup.id.ends_with("_shadow") {
+            // Every request was copied (the last copies may still be on their way).
+            let copies_stat = format!("cluster.{SHADOW_CLUSTER}.upstream_rq_total");
+            let copies = stats
+                .iter()
+                .find(|(name, _)| *name == &copies_stat)
+                .map_or(0, |(_, value)| *value);
+            if copies < sent * 99 / 100 {
+                return Err(format!(
+                    "the shadow received {copies} copies of {sent} requests"
+                ));
+            }
+        }
+        if setup.id.contains("meshcanary")
             || setup.id.starts_with("module_")
             || setup.id.starts_with("policy_")
         {
             // The filter decided every request it saw: the counted path is the real one.
             // (One policy per Envoy, whatever its name.)
-            let decided: u64 = envoy
-                .stats()
-                .await
+            let decided: u64 = stats
                 .iter()
                 .filter(|(name, _)| {
                     name.starts_with("wasmcustom.meshcanary.")
@@ -157,11 +172,8 @@ async fn count_one(
                 })
                 .map(|(_, value)| value)
                 .sum();
-            if decided < (warmup + requests) as u64 {
-                return Err(format!(
-                    "the filter decided {decided} of {} requests",
-                    warmup + requests
-                ));
+            if decided < sent {
+                return Err(format!("the filter decided {decided} of {sent} requests"));
             }
         }
         Ok(events)

@@ -783,12 +783,35 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
         "meshcanary bench --instructions: {} round(s); per row and round a fresh Envoy under valgrind --tool=callgrind, {requests} requests of the bench mix counted after {requests} of warm-up, one at a time on one connection",
         plan.rounds
     );
-    // The throughput rows answer by themselves; the upstream addresses are never used.
-    let unused: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
-    let addrs = Addresses {
-        primary: unused,
-        fast_shadow: unused,
-        slow_shadow: unused,
+    // The throughput rows answer by themselves. The rows that need an upstream or a
+    // shadow (asked for by name: `--rows 4b,4c,5b,5c`) get ones that answer at once: a
+    // slow shadow changes when a copy's answer comes, not what Envoy executes for it, and
+    // would only pile copies up against `max_in_flight` between the one-at-a-time requests.
+    let mut upstreams = Vec::new();
+    let addrs = if !plan.rows.is_empty() {
+        for name in ["stable", "shadow"] {
+            let options = Options {
+                record: false,
+                ..Options::default()
+            };
+            upstreams.push(
+                Upstream::start_with_options(name, Behaviour::default(), options)
+                    .await
+                    .map_err(|e| format!("upstream {name}: {e}"))?,
+            );
+        }
+        Addresses {
+            primary: upstreams[0].addr,
+            fast_shadow: upstreams[1].addr,
+            slow_shadow: upstreams[1].addr,
+        }
+    } else {
+        let unused: std::net::SocketAddr = ([127, 0, 0, 1], 9).into();
+        Addresses {
+            primary: unused,
+            fast_shadow: unused,
+            slow_shadow: unused,
+        }
     };
     // With --host-calls: the probes, one kind of call 20 times a request each; with
     // --compare: row 3 once per module, next to the empty filter.
@@ -816,9 +839,16 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
             "meshcanary",
             1,
         )
-    } else {
+    } else if plan.rows.is_empty() {
         (
             instructions::rows(setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm)),
+            "empty_wasm",
+            1,
+        )
+    } else {
+        // Rows asked for by name: any of them, mirroring rows included.
+        (
+            setups::all(&addrs, &plan.empty_wasm, &plan.probe_wasm),
             "empty_wasm",
             1,
         )
@@ -828,10 +858,7 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
         .filter(|s| plan.rows.is_empty() || plan.rows.contains(&s.row))
         .collect();
     if rows.is_empty() {
-        return Err(format!(
-            "--rows {}: no such throughput row",
-            plan.rows.join(",")
-        ));
+        return Err(format!("--rows {}: no such row", plan.rows.join(",")));
     }
     let counted = instructions::count(
         rows,
@@ -850,6 +877,37 @@ async fn count_instructions(plan: &Plan, requests: usize) -> Result<(), String> 
         print!("\n{}", report::cache_table(&counted));
     }
     let row = |id: &str| counted.iter().find(|c| c.setup.id == id);
+    let [plain, mirrored, native_plain, native_mirrored] = MIRRORING_ROWS;
+    if let (Some(plain), Some(mirrored), Some(native_plain), Some(native_mirrored)) = (
+        row(plain),
+        row(mirrored),
+        row(native_plain),
+        row(native_mirrored),
+    ) {
+        // What mirroring every GET adds to a request in Envoy: meshcanary's copy (the
+        // stream's hand-over, the root's wake-up and HTTP call, the answer) against
+        // Envoy's own `request_mirror_policies`, round by round.
+        let added = |with: &instructions::Counted, without: &instructions::Counted| {
+            with.per_request
+                .iter()
+                .zip(&without.per_request)
+                .map(|(a, b)| a - b)
+                .collect::<Vec<f64>>()
+        };
+        let (ours, envoys) = (added(mirrored, plain), added(native_mirrored, native_plain));
+        let ratio: Vec<f64> = ours.iter().zip(&envoys).map(|(o, e)| o / e).collect();
+        println!(
+            "\nWhat a copy of every GET adds to a request: meshcanary (row {} − row {}) {} \
+             instructions, Envoy's own mirroring (row {} − row {}) {}; meshcanary ÷ Envoy {}",
+            mirrored.setup.row,
+            plain.setup.row,
+            Spread::of(&ours).cell(0),
+            native_mirrored.setup.row,
+            native_plain.setup.row,
+            Spread::of(&envoys).cell(0),
+            Spread::of(&ratio).cell(3),
+        );
+    }
     if let (Some(empty), Some(routed), false) =
         (row("empty_wasm"), row("meshcanary"), plan.host_calls)
     {
