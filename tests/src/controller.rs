@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
+use tokio::task::JoinHandle;
 
 use crate::{lock, paths};
+
+/// How long [`Controller::wait`] waits, once the process has exited, for its output
+/// readers to reach the end of its stdout and stderr (they do at once unless another
+/// process inherited the pipes and keeps them open).
+const READERS_DRAIN_LIMIT: Duration = Duration::from_secs(5);
 
 /// One event the controller printed.
 #[derive(Debug, Clone)]
@@ -34,6 +40,8 @@ pub struct Controller {
     child: Child,
     events: Arc<Mutex<Vec<Event>>>,
     stderr: Arc<Mutex<String>>,
+    /// The tasks reading stdout and stderr; each ends at its pipe's end.
+    readers: Vec<JoinHandle<()>>,
 }
 
 impl Controller {
@@ -68,9 +76,10 @@ impl Controller {
             .spawn()?;
         let events = Arc::new(Mutex::new(Vec::new()));
         let stderr = Arc::new(Mutex::new(String::new()));
+        let mut readers = Vec::new();
         if let Some(out) = child.stdout.take() {
             let events = Arc::clone(&events);
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(out).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let json = serde_json::from_str(&line).unwrap_or(Value::String(line));
@@ -79,23 +88,24 @@ impl Controller {
                         json,
                     });
                 }
-            });
+            }));
         }
         if let Some(err) = child.stderr.take() {
             let stderr = Arc::clone(&stderr);
-            tokio::spawn(async move {
+            readers.push(tokio::spawn(async move {
                 let mut lines = BufReader::new(err).lines();
                 while let Ok(Some(line)) = lines.next_line().await {
                     let mut s = lock(&stderr);
                     s.push_str(&line);
                     s.push('\n');
                 }
-            });
+            }));
         }
         Ok(Controller {
             child,
             events,
             stderr,
+            readers,
         })
     }
 
@@ -138,12 +148,19 @@ impl Controller {
     }
 
     /// Waits for the process to exit; its exit code (`None` if it did not exit in time,
-    /// in which case it is killed).
+    /// in which case it is killed). Once it returns a code, every line the process printed
+    /// is in [`events`](Self::events) and [`stderr`](Self::stderr): it waits for the
+    /// readers to reach the end of both pipes (at most [`READERS_DRAIN_LIMIT`]).
     pub async fn wait(&mut self, timeout: Duration) -> Option<i32> {
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(status)) => {
-                // Let the readers drain the last lines.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                let readers = std::mem::take(&mut self.readers);
+                let drained = async {
+                    for reader in readers {
+                        let _ = reader.await;
+                    }
+                };
+                let _ = tokio::time::timeout(READERS_DRAIN_LIMIT, drained).await;
                 status.code()
             }
             _ => {
