@@ -166,7 +166,7 @@ async fn a_healthy_canary_is_promoted_through_every_step() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_canary_failing_half_its_requests_is_rolled_back_within_five_seconds() {
+async fn a_canary_failing_half_its_requests_is_rolled_back_within_ten_seconds() {
     let broken = Behaviour {
         error_rate: 0.5,
         ..Behaviour::default()
@@ -191,8 +191,9 @@ async fn a_canary_failing_half_its_requests_is_rolled_back_within_five_seconds()
     println!(
         "50 % errors: rolled back and confirmed {detection:?} after the canary's first request"
     );
+    // Typically half a second; the bound leaves room for a slow, loaded machine.
     assert!(
-        detection <= Duration::from_secs(5),
+        detection <= Duration::from_secs(10),
         "took {detection:?}\n{}",
         run.transcript()
     );
@@ -375,8 +376,16 @@ async fn a_second_controller_refuses_to_drive_the_same_rollout() {
     })
     .await;
     bench.start_load(100);
-    let _first = Controller::run(&bench.spec);
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let first = Controller::run(&bench.spec);
+    // The first controller claims the rollout (its lock) before it reports `start`.
+    assert!(
+        first
+            .wait_event("start", Duration::from_secs(20), |_| true)
+            .await
+            .is_some(),
+        "the first controller did not start\n{}",
+        first.transcript()
+    );
     let mut second = Controller::run(&bench.spec);
     assert_eq!(second.wait(Duration::from_secs(10)).await, Some(1));
     assert!(
@@ -387,7 +396,7 @@ async fn a_second_controller_refuses_to_drive_the_same_rollout() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn abort_sends_the_canary_to_zero_within_a_second() {
+async fn abort_sends_the_canary_to_zero_within_three_seconds() {
     let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
         spec["step_min_duration"] = json!("60s");
     })
@@ -417,17 +426,21 @@ async fn abort_sends_the_canary_to_zero_within_a_second() {
         String::from_utf8_lossy(&abort.stderr)
     );
     println!("abort confirmed by Envoy after {:?}", confirmed - asked);
+    // Typically ~30 ms; 3 s leaves room for a loaded machine (the step would otherwise
+    // hold the canary at 20 % for 60 s).
     assert!(
-        confirmed - asked <= Duration::from_secs(1),
+        confirmed - asked <= Duration::from_secs(3),
         "abort took {:?}",
         confirmed - asked
     );
     tokio::time::sleep(Duration::from_millis(1500)).await;
+    // Requests already inside Envoy when it confirmed may still reach the canary, and
+    // the upstream notes a request's arrival a moment later: 500 ms of grace for those.
     let late: Vec<_> = bench
         .canary
         .requests()
         .into_iter()
-        .filter(|r| r.at > confirmed + Duration::from_millis(100))
+        .filter(|r| r.at > confirmed + Duration::from_millis(500))
         .collect();
     assert!(
         late.is_empty(),
@@ -932,8 +945,11 @@ async fn an_envoy_restarted_mid_rollout_gets_its_step_again_and_the_gap_never_co
         .wait_event("complete", Duration::ZERO, |_| true)
         .await
         .expect("completed");
+    // The step's 4 s, less 1 s for the moments at which this test reads the two events.
+    // A step clock gone on from the first apply, 3.5 s or more before the step was
+    // applied again, would end within about a second of that.
     assert!(
-        complete.at.duration_since(reapplied.at) >= Duration::from_millis(3800),
+        complete.at.duration_since(reapplied.at) >= Duration::from_secs(3),
         "the step's clock restarts once the step is confirmed again: completed {:?} after it\n{}",
         complete.at.duration_since(reapplied.at),
         run.transcript()
@@ -1135,9 +1151,11 @@ async fn a_wall_clock_step_while_it_runs_neither_shortens_nor_stretches_a_step()
         .wait_event("applied", RUN_LIMIT, |e| e["weight"] == 50)
         .await
         .unwrap_or_else(|| panic!("{}", run.transcript()));
+    // The step's 4 s, less 1 s for the moments at which this test reads the two events
+    // (a step shortened by the clock's jump would end at the next 0.5 s tick).
     let step = at_50.at.duration_since(at_20.at);
     assert!(
-        step >= Duration::from_millis(3800),
+        step >= Duration::from_secs(3),
         "a forward step shortened the first step to {step:?}\n{}",
         run.transcript()
     );
@@ -1155,7 +1173,7 @@ async fn a_wall_clock_step_while_it_runs_neither_shortens_nor_stretches_a_step()
         .expect("promoted");
     let step = at_100.at.duration_since(at_50.at);
     assert!(
-        step >= Duration::from_millis(3800) && step <= Duration::from_secs(15),
+        step >= Duration::from_secs(3) && step <= Duration::from_secs(15),
         "second step took {step:?}\n{}",
         run.transcript()
     );
@@ -1189,14 +1207,18 @@ fn saved_record(bench: &Bench) -> Value {
     meshcanary_e2e::controller::saved_record(&bench.ecds)
 }
 
-/// One interval of the specs below, plus the CLI's polling (200 ms) and its start.
-const ONE_INTERVAL_AND_SLACK: Duration = Duration::from_millis(1700);
+/// One interval of the specs below (1 s), plus 2 s for the CLI's start and polling
+/// (200 ms) and the sink's apply and Envoy's confirmation on a slow, loaded machine.
+/// Still well short of what the commands are tested against: the 60 s step a promote
+/// skips, the 5 s step a pause must land within, the 5 s a resumed step would wait had
+/// its evidence been dropped.
+const ONE_INTERVAL_AND_SLACK: Duration = Duration::from_secs(3);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_the_weight_against_a_passing_verdict_and_resume_lets_it_act() {
-    // The engine would pass step 1 after 3 s; the pause comes first and holds it.
+    // The engine would pass step 1 after 5 s; the pause comes first and holds it.
     let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |spec, _| {
-        spec["step_min_duration"] = json!("3s");
+        spec["step_min_duration"] = json!("5s");
         spec["interval"] = json!("1s");
     })
     .await;
@@ -1218,9 +1240,9 @@ async fn pause_holds_the_weight_against_a_passing_verdict_and_resume_lets_it_act
         .find(|l| l["event"] == "pause")
         .expect("confirmation");
     assert_eq!(confirmed["confirmed"], true);
-    // Paused past the step's 3 s: the verdicts are reported, the weight stays.
+    // Paused past the step's 5 s: the verdicts are reported, the weight stays.
     let held = run
-        .wait_event("paused", Duration::from_secs(10), |e| {
+        .wait_event("paused", Duration::from_secs(15), |e| {
             e["verdict"] == "promote"
         })
         .await;
