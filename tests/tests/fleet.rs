@@ -296,8 +296,9 @@ async fn one_serve_dir_promotes_rolls_back_and_aborts_at_once_beside_an_invalid_
         "broken canary rolled back (0 % confirmed) {together:?} after its first request beside \
          two other rollouts, {alone:?} alone; all three done after {all_done:?}"
     );
-    // Ticks are 0.5 s: one extra tick plus scheduling noise on a shared 2-core machine.
-    let margin = Duration::from_millis(1500);
+    // Ticks are 0.5 s: an extra tick or two plus scheduling noise on a shared, loaded
+    // 2-core machine; a rollout left waiting behind the others for six ticks fails.
+    let margin = Duration::from_secs(3);
     assert!(
         together <= alone + margin,
         "beside others: {together:?}, alone: {alone:?} (margin {margin:?})"
