@@ -278,10 +278,10 @@ async fn load_stops_at_duration_and_holds_the_rate() {
     ])
     .await;
     assert_eq!(run.code, Some(0), "{}", run.stderr);
-    // Request k is due at k / 20 s, so k = 0..19 start inside the second (one or two
-    // late ones may miss it on a busy machine).
+    // Request k is due at k / 20 s, so k = 0..19 start inside the second (a few late
+    // ones may miss it on a busy machine; never more than 20).
     let sent = run.summary["sent"].as_u64().expect("sent");
-    assert!((18..=20).contains(&sent), "sent {sent}");
+    assert!((15..=20).contains(&sent), "sent {sent}");
     assert!(
         run.took >= Duration::from_millis(950) && run.took < Duration::from_secs(3),
         "took {:?}",
@@ -389,9 +389,11 @@ async fn load_ended_by_sigterm_still_prints_its_totals() {
         asked.elapsed()
     );
     assert_eq!(summary["stopped_by_signal"], true, "{summary}");
+    // About a second at 50/s: the program may start late, and the signal arrive late,
+    // on a busy machine.
     let sent = summary["sent"].as_u64().expect("sent");
     assert!(
-        (40..=60).contains(&sent),
+        (30..=80).contains(&sent),
         "about a second at 50/s: {summary}"
     );
     assert_eq!(summary["completed"], sent);
