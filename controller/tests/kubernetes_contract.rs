@@ -812,7 +812,9 @@ async fn a_lease_taken_by_another_writer_stops_the_writes() {
         lease["metadata"]["resourceVersion"] = json!(version);
         lease["spec"]["holderIdentity"] = json!("controller-b");
     }
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    // The renewal (every 100 ms) finds out; 1.4 s leaves it room on a loaded machine and
+    // stays far inside the 10 s renew deadline.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
     api.clear();
     match sink.apply(&policy(500), &record()).await {
         Err(SinkError::Busy(why)) => {

@@ -161,8 +161,10 @@ async fn a_canary_failing_while_paused_is_rolled_back_at_the_first_tick_after_re
     memory.mark(MarkKind::Pause, None);
     let outcome = task.await.expect("join").expect("run");
     assert!(matches!(outcome, Outcome::RolledBack(_)), "{outcome:?}");
+    // The first 100 ms tick after the resume acts; 1.4 s more for a slow, loaded machine.
+    // (A resume not acted on would hold the rollback back for good.)
     assert!(
-        resumed.elapsed() < Duration::from_millis(500),
+        resumed.elapsed() < Duration::from_millis(1500),
         "{:?}",
         resumed.elapsed()
     );
