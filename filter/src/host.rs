@@ -75,6 +75,11 @@ mod ffi {
             return_cas: *mut u32,
         ) -> u32;
         pub fn proxy_done() -> u32;
+        pub fn proxy_dequeue_shared_queue(
+            queue_id: u32,
+            return_value_data: *mut *mut u8,
+            return_value_size: *mut usize,
+        ) -> u32;
         pub fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
         pub fn proxy_set_shared_data(
             key_data: *const u8,
@@ -244,7 +249,19 @@ pub fn enqueue(queue: u32, message: &[u8]) -> bool {
     hostcalls::enqueue_shared_queue(queue, Some(message)).is_ok()
 }
 
-/// Takes one message off a shared queue; false when it is empty (or gone).
+/// Takes one message off a shared queue, dropping its content; false when the queue is
+/// empty (or gone). Called directly: the SDK's `dequeue_shared_queue` returns `None` for
+/// an empty message as for an empty queue, and an empty message is the cheap one (the
+/// host calls back into the module to allocate a copy of any other).
 pub fn dequeue(queue: u32) -> bool {
-    matches!(hostcalls::dequeue_shared_queue(queue), Ok(Some(_)))
+    let mut data: *mut u8 = std::ptr::null_mut();
+    let mut size: usize = 0;
+    // SAFETY: the host writes one pointer and one size into the two locals.
+    let status = unsafe { ffi::proxy_dequeue_shared_queue(queue, &mut data, &mut size) };
+    if !data.is_null() {
+        // SAFETY: a non-null pointer is `size` bytes the host allocated through this
+        // module's `proxy_on_memory_allocate` (a `Vec` of that capacity): freed as one.
+        drop(unsafe { Vec::from_raw_parts(data, size, size) });
+    }
+    status == ffi::STATUS_OK
 }

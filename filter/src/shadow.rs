@@ -316,7 +316,12 @@ impl Shadow {
     /// comparison, or `None` if it could not be handed over (counted as failed).
     pub fn submit(&self, copy: CopyInProgress, trailers: Vec<(String, String)>) -> Option<u64> {
         let id = copy.id;
-        let woken = self.queue.map_or(false, |q| host::enqueue(q, b"copy"));
+        // One wake-up per batch: the root sends every ready copy when it wakes, so a copy
+        // that finds others waiting rides on their pending wake-up. Each wake-up costs
+        // Envoy a posted callback and a call into the module; an empty message costs
+        // no allocation in the module when it is taken off the queue.
+        let wake_pending = !self.ready.borrow().is_empty();
+        let woken = wake_pending || self.queue.map_or(false, |q| host::enqueue(q, b""));
         if !woken {
             self.metrics.failed.bump();
             self.forget(id);
