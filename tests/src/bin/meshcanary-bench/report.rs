@@ -111,32 +111,44 @@ pub fn instructions_table(
     baseline: &str,
     calls: u32,
 ) -> String {
-    let empty = counted.iter().find(|c| c.setup.id == baseline);
-    let base_row = empty.map_or("?", |e| e.setup.row.as_str());
+    let empty = match counted.iter().find(|c| c.setup.id == baseline) {
+        Some(empty) => empty,
+        // Without the baseline row (left out with --rows) there is nothing to compare:
+        // the counts alone.
+        None => {
+            let mut out = String::from(
+                "| row | configuration | Envoy instructions per request |\n|---|---|---|\n",
+            );
+            for c in counted {
+                out.push_str(&format!(
+                    "| {} | {} | {} |\n",
+                    c.setup.row,
+                    c.setup.title,
+                    Spread::of(&c.per_request).cell(0)
+                ));
+            }
+            return out;
+        }
+    };
+    let base_row = empty.setup.row.as_str();
     let mut out = format!(
         "| row | configuration | Envoy instructions per request | over row {base_row} |{} × row {base_row} | row {base_row} ÷ row (requests/s bound) |\n|---|---|---|---|{}---|---|\n",
         if calls > 1 { " per call |" } else { "" },
         if calls > 1 { "---|" } else { "" },
     );
     for c in counted {
-        let per_round = |f: &dyn Fn(f64, f64) -> f64| -> Option<Spread> {
-            let e = empty?;
+        let per_round = |f: &dyn Fn(f64, f64) -> f64| -> Spread {
             let values: Vec<f64> = c
                 .per_request
                 .iter()
-                .zip(&e.per_request)
+                .zip(&empty.per_request)
                 .map(|(row, empty)| f(*row, *empty))
                 .collect();
-            Some(Spread::of(&values))
+            Spread::of(&values)
         };
-        // Without the baseline row (left out with --rows) there is nothing to compare.
-        let or_dash = |cell: Option<String>| cell.unwrap_or_else(|| "—".to_string());
         let per_call = if calls > 1 {
             let n = f64::from(calls);
-            format!(
-                " {} |",
-                or_dash(per_round(&|row, empty| (row - empty) / n).map(signed))
-            )
+            format!(" {} |", signed(per_round(&|row, empty| (row - empty) / n)))
         } else {
             String::new()
         };
@@ -145,10 +157,10 @@ pub fn instructions_table(
             c.setup.row,
             c.setup.title,
             Spread::of(&c.per_request).cell(0),
-            or_dash(per_round(&|row, empty| row - empty).map(signed)),
+            signed(per_round(&|row, empty| row - empty)),
             per_call,
-            or_dash(per_round(&|row, empty| row / empty).map(|s| s.cell(3))),
-            or_dash(per_round(&|row, empty| empty / row).map(|s| s.cell(3))),
+            per_round(&|row, empty| row / empty).cell(3),
+            per_round(&|row, empty| empty / row).cell(3),
         ));
     }
     out
@@ -591,6 +603,37 @@ mod tests {
         assert!(!undecided.decisive());
         assert!(undecided.line().ends_with("the limit inside it)"));
         assert_eq!(undecided.json()["decisive"], false);
+    }
+
+    #[test]
+    fn the_instructions_table_compares_with_its_baseline_row_when_it_was_counted() {
+        let counted = |id: &str, row: &str, per_request: Vec<f64>| crate::instructions::Counted {
+            setup: Setup {
+                id: id.into(),
+                row: row.into(),
+                title: format!("row {row}"),
+                family: Family::Throughput,
+                bootstrap: Value::Null,
+                baseline: id.into(),
+            },
+            per_request,
+            events: Vec::new(),
+        };
+        let rows = [
+            counted("empty_wasm", "2", vec![100_000.0, 100_200.0]),
+            counted("meshcanary", "3", vec![125_000.0, 125_200.0]),
+        ];
+        let table = instructions_table(&rows, "empty_wasm", 1);
+        assert!(table
+            .starts_with("| row | configuration | Envoy instructions per request | over row 2 |"));
+        assert!(table.contains("| 3 | row 3 | 125,100 (125,000–125,200) | +25,000 (+25,000–+25,000) | 1.250 (1.250–1.250) | 0.800 (0.800–0.800) |"), "{table}");
+        // Without the baseline (`--rows 3`): the counts alone, no column to fill with guesses.
+        let alone = instructions_table(&rows[1..], "empty_wasm", 1);
+        assert_eq!(
+            alone,
+            "| row | configuration | Envoy instructions per request |\n|---|---|---|\n\
+             | 3 | row 3 | 125,100 (125,000–125,200) |\n"
+        );
     }
 
     #[test]
