@@ -11,7 +11,7 @@
 #                  wasm filter, measured alternately in one run; prints one table and
 #                  writes target/bench/results.json (< 5 minutes)
 #   make bench-mirroring  only the mirroring targets' rows (4b, 4c, 5b, 5c), 20 rounds,
-#                  judged by the median's 95 % interval; target/bench/mirroring.json (~8 minutes)
+#                  judged by the median's 95 % interval; target/bench/mirroring.json (~7 minutes)
 #   make bench-host-calls  what each kind of host call the filter makes costs in real
 #                  Envoy (filter/bench-probe); target/bench/host-calls.json (< 2 minutes)
 #   make bench-costs  the filter's cost per request counted deterministically: the real
@@ -312,7 +312,7 @@ bench: bench-deps
 	./target/release/meshcanary-bench
 
 # Only the mirroring targets' rows (4b, 4c, 5b, 5c), 20 rounds: enough for the median's
-# 95 % interval to decide what five rounds' range cannot (about 8 minutes).
+# 95 % interval to decide what five rounds' range cannot (about 7 minutes).
 bench-mirroring: bench-deps
 	$(CARGO) build --release --locked -p meshcanary-e2e --bin meshcanary-bench
 	./target/release/meshcanary-bench --mirroring $(BENCH_MIRRORING_ARGS)
