@@ -71,6 +71,13 @@ fn zero_bytes(word: u64) -> u64 {
     word.wrapping_sub(ONES) & !word & HIGHS
 }
 
+/// True when every byte of `bytes` is ASCII (below 0x80), eight at a time: a word's
+/// non-ASCII bytes are the ones with their top bit set.
+#[inline(always)]
+pub fn is_ascii(bytes: &[u8]) -> bool {
+    find(bytes, |word| word & HIGHS, |byte| !byte.is_ascii()).is_none()
+}
+
 /// `haystack` up to the first `byte` (all of it when there is none), and what follows
 /// that byte (`None` when there is none).
 #[inline(always)]
@@ -152,6 +159,22 @@ mod tests {
                 bytes.iter().position(|b| *b == b'?' || *b == b'#'),
                 "{bytes:?}"
             );
+        }
+    }
+
+    #[test]
+    fn tells_ascii_as_the_standard_library_does() {
+        for bytes in drawn(0x8f1b_bcdc_c2b3_27a5, b"az-:\x7f\x80\xc3\xa9") {
+            assert_eq!(is_ascii(&bytes), bytes.is_ascii(), "{bytes:?}");
+        }
+        // One non-ASCII byte at every place of three words.
+        for len in 1..=24 {
+            for at in 0..len {
+                let mut bytes = vec![b'a'; len];
+                bytes[at] = 0x80;
+                assert!(!is_ascii(&bytes), "{len} {at}");
+            }
+            assert!(is_ascii(&vec![0x7f; len]));
         }
     }
 

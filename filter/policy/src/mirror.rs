@@ -29,6 +29,34 @@ const CONNECTION_HEADERS: [&str; 7] = [
     "content-length",
 ];
 
+/// The [`fingerprint`]s of the fixed lists above and of `:authority`: a header whose
+/// fingerprint is not among them is none of them, whatever its case, and skips their
+/// comparisons (a copy checks every header of the request).
+const FIXED_FINGERPRINTS: u64 =
+    fingerprints(&ALWAYS_STRIPPED) | fingerprints(&CONNECTION_HEADERS) | fingerprint(":authority");
+
+/// One bit of 64 for a header name, from its length and its first and last bytes with
+/// ASCII case folded (`| 0x20` lowers every letter): names equal but for ASCII case get
+/// the same bit, so a bit that is not set rules a name out.
+pub const fn fingerprint(name: &str) -> u64 {
+    let bytes = name.as_bytes();
+    let (first, last) = match bytes.len() {
+        0 => (0, 0),
+        n => (bytes[0] | 0x20, bytes[n - 1] | 0x20),
+    };
+    1 << ((bytes.len() * 7 + first as usize + last as usize * 3) % 64)
+}
+
+const fn fingerprints(names: &[&str]) -> u64 {
+    let mut mask = 0;
+    let mut i = 0;
+    while i < names.len() {
+        mask |= fingerprint(names[i]);
+        i += 1;
+    }
+    mask
+}
+
 /// Default methods that are mirrored: the safe ones, which have no side effects.
 pub const DEFAULT_METHODS: [&str; 3] = ["GET", "HEAD", "OPTIONS"];
 
@@ -95,6 +123,16 @@ pub struct Mirror {
     pub marker_input: usize,
     /// When the policy has a keyed split, sampling is sticky by that key.
     pub sample_key: Option<SplitKey>,
+    /// Derived from `strip_headers` and `marker_header`: their [`fingerprint`]s. A header
+    /// whose fingerprint is not among them is none of them and skips their comparisons.
+    pub listed_fingerprints: u64,
+}
+
+/// The [`fingerprint`]s of `names`, together.
+pub fn name_fingerprints<'a>(names: impl IntoIterator<Item = &'a str>) -> u64 {
+    names
+        .into_iter()
+        .fold(0, |mask, name| mask | fingerprint(name))
 }
 
 /// What happens to a request with respect to mirroring.
@@ -193,17 +231,20 @@ impl Mirror {
     /// True when a request header may be copied to the shadow.
     pub fn copies_header(&self, name: &str) -> bool {
         let name_is = |list: &[&str]| list.iter().any(|h| name.eq_ignore_ascii_case(h));
-        !(name_is(&ALWAYS_STRIPPED)
-            || name_is(&CONNECTION_HEADERS)
-            || self
-                .strip_headers
-                .iter()
-                .any(|h| name.eq_ignore_ascii_case(h))
-            || name.eq_ignore_ascii_case(&self.marker_header)
+        let print = fingerprint(name);
+        !(FIXED_FINGERPRINTS & print != 0
+            && (name_is(&ALWAYS_STRIPPED)
+                || name_is(&CONNECTION_HEADERS)
+                || name.eq_ignore_ascii_case(":authority"))
+            || self.listed_fingerprints & print != 0
+                && (self
+                    .strip_headers
+                    .iter()
+                    .any(|h| name.eq_ignore_ascii_case(h))
+                    || name.eq_ignore_ascii_case(&self.marker_header))
             || name
                 .get(..8)
-                .map_or(false, |p| p.eq_ignore_ascii_case("x-envoy-"))
-            || name.eq_ignore_ascii_case(":authority"))
+                .map_or(false, |p| p.eq_ignore_ascii_case("x-envoy-")))
     }
 
     /// The copy's `:authority`: the suffix goes after the host and before any port
@@ -388,6 +429,12 @@ impl Decoder {
         };
         let method_input = self.input(":method");
         let marker_input = marker_header.as_deref().map(|h| self.input(h));
+        let listed_fingerprints = match (&strip_headers, &marker_header) {
+            (Some(strip), Some(marker)) => {
+                name_fingerprints(strip.iter().map(String::as_str).chain([marker.as_str()]))
+            }
+            _ => 0,
+        };
         Some(Mirror {
             cluster: cluster?,
             when: when?,
@@ -403,6 +450,7 @@ impl Decoder {
             method_input,
             marker_input: marker_input?,
             sample_key,
+            listed_fingerprints,
         })
     }
 
@@ -528,6 +576,7 @@ mod tests {
             method_input: 0,
             marker_input: 1,
             sample_key: None,
+            listed_fingerprints: name_fingerprints(["x-session-token", DEFAULT_MARKER_HEADER]),
         }
     }
 
@@ -545,6 +594,24 @@ mod tests {
             mirror(None).shadow_authority("api.local:8080"),
             "api.local:8080"
         );
+    }
+
+    #[test]
+    fn every_fixed_header_is_found_through_the_fingerprints_in_any_case() {
+        for name in ALWAYS_STRIPPED
+            .iter()
+            .chain(&CONNECTION_HEADERS)
+            .chain(&[":authority"])
+        {
+            let m = mirror(None);
+            assert!(!m.copies_header(name), "{name}");
+            assert!(!m.copies_header(&name.to_ascii_uppercase()), "{name}");
+            // Same length, another name: copied.
+            let other: String = name.chars().rev().collect();
+            if other != *name {
+                assert!(m.copies_header(&other), "{other}");
+            }
+        }
     }
 
     #[test]

@@ -189,6 +189,14 @@ fn contract_example_parses_into_the_expected_mirror() {
             method_input: 1,
             marker_input: 2,
             sample_key: None,
+            listed_fingerprints: meshcanary_policy::mirror::name_fingerprints([
+                "authorization",
+                "proxy-authorization",
+                "cookie",
+                "x-api-key",
+                "x-session-token",
+                "x-meshcanary-shadow",
+            ]),
         }
     );
     // from_value agrees.
@@ -1412,4 +1420,29 @@ fn body_digest_edges() {
     let mut other = BodyDigest::new(1_000);
     other.update(&changed);
     assert_ne!(other.finish(), whole.finish());
+}
+
+#[test]
+fn listed_headers_of_every_length_are_dropped_long_ones_included() {
+    // The fingerprints fold many names into one bit of 64: a name sharing one is still
+    // compared in full.
+    let long = "x-".to_string() + &"l".repeat(70);
+    let longer = "x-".to_string() + &"l".repeat(90);
+    let marker = "x-".to_string() + &"m".repeat(61);
+    let m = mirror_of(&parse(&mirror_with(&format!(
+        r#""strip_headers": ["a", "{long}"], "marker_header": "{marker}""#
+    ))))
+    .clone();
+    for name in [
+        "a",
+        "A",
+        long.as_str(),
+        &long.to_ascii_uppercase(),
+        marker.as_str(),
+    ] {
+        assert!(!m.copies_header(name), "{name} must not be copied");
+    }
+    for name in ["b", longer.as_str(), &("x-".to_string() + &"m".repeat(62))] {
+        assert!(m.copies_header(name), "{name} must be copied");
+    }
 }
