@@ -107,10 +107,63 @@ struct Pending {
     shadow: Option<Option<Outcome>>,
 }
 
+/// A copy's headers in one buffer: every name and value back to back in `text`, and
+/// where each ends. One allocation for them all instead of two per header, and one
+/// list of slices to hand to the HTTP call.
+#[derive(Default)]
+struct CopyHeaders {
+    text: String,
+    /// Per pair: where its name ends in `text`, and where its value ends.
+    ends: Vec<(usize, usize)>,
+}
+
+impl CopyHeaders {
+    fn with_capacity(bytes: usize, pairs: usize) -> CopyHeaders {
+        CopyHeaders {
+            text: String::with_capacity(bytes),
+            ends: Vec::with_capacity(pairs),
+        }
+    }
+
+    fn push(&mut self, name: &str, value: &str) {
+        self.text.push_str(name);
+        let name_end = self.text.len();
+        self.text.push_str(value);
+        self.ends.push((name_end, self.text.len()));
+    }
+
+    /// The pairs as the HTTP call takes them.
+    fn pairs(&self) -> Vec<(&str, &str)> {
+        let mut start = 0;
+        self.ends
+            .iter()
+            .map(|&(name_end, value_end)| {
+                // Every end is where a pushed `str` ended: a char boundary, never `None`.
+                let name = self.text.get(start..name_end).unwrap_or_default();
+                let value = self.text.get(name_end..value_end).unwrap_or_default();
+                start = value_end;
+                (name, value)
+            })
+            .collect()
+    }
+}
+
+/// `bytes` as text, or `None` when they are not UTF-8. Header names and values are
+/// nearly always ASCII, which a word-at-a-time scan settles for a fraction of what the
+/// full UTF-8 validation costs in the module.
+fn text(bytes: &[u8]) -> Option<&str> {
+    if meshcanary_policy::bytes::is_ascii(bytes) {
+        // SAFETY: every byte is below 0x80, and ASCII is valid UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(bytes) })
+    } else {
+        std::str::from_utf8(bytes).ok()
+    }
+}
+
 /// A finished copy, waiting for the root to send it.
 struct ReadyCopy {
     id: u64,
-    headers: Vec<(String, String)>,
+    headers: CopyHeaders,
     body: Vec<u8>,
     trailers: Vec<(String, String)>,
 }
@@ -260,12 +313,19 @@ impl Shadow {
                 return None;
             }
         };
-        let mut headers = Vec::new();
+        // The request's serialized map holds more than the names and values taken from
+        // it; the rest is what the copy adds.
+        let added = decision.0.len()
+            + decision.1.len()
+            + self.mirror.marker_header.len()
+            + self.copy_token.len()
+            + self.mirror.authority_suffix.as_ref().map_or(0, String::len);
+        let mut headers = CopyHeaders::with_capacity(request.as_bytes().len() + added, 16);
         for (name, value) in request.pairs() {
             // Envoy's HTTP call interface takes text only; only what is copied must be text.
-            let name = match std::str::from_utf8(name) {
-                Ok(n) => n,
-                Err(_) => {
+            let name = match text(name) {
+                Some(n) => n,
+                None => {
                     self.skipped(Skip::NonUtf8Header);
                     return None;
                 }
@@ -274,24 +334,23 @@ impl Shadow {
             if name == decision.0 || (!authority && !self.mirror.copies_header(name)) {
                 continue;
             }
-            let value = match std::str::from_utf8(value) {
-                Ok(v) => v,
-                Err(_) => {
+            let value = match text(value) {
+                Some(v) => v,
+                None => {
                     self.skipped(Skip::NonUtf8Header);
                     return None;
                 }
             };
-            let value = if authority {
-                self.mirror.shadow_authority(value)
+            if authority {
+                headers.push(name, &self.mirror.shadow_authority(value));
             } else {
-                value.to_string()
-            };
-            headers.push((name.to_string(), value));
+                headers.push(name, value);
+            }
         }
         if self.mirror.copies_header(decision.0) {
-            headers.push((decision.0.to_string(), decision.1.to_string()));
+            headers.push(decision.0, decision.1);
         }
-        headers.push((self.mirror.marker_header.clone(), self.copy_token.clone()));
+        headers.push(&self.mirror.marker_header, &self.copy_token);
         let id = self.next_id.get().wrapping_add(1);
         self.next_id.set(id);
         self.in_flight.set(self.in_flight.get() + 1);
@@ -346,11 +405,7 @@ impl Shadow {
         let ready: Vec<ReadyCopy> = self.ready.borrow_mut().drain(..).collect();
         let timeout = Duration::from_millis(u64::from(self.mirror.timeout_ms));
         for copy in ready {
-            let headers: Vec<(&str, &str)> = copy
-                .headers
-                .iter()
-                .map(|(n, v)| (n.as_str(), v.as_str()))
-                .collect();
+            let headers = copy.headers.pairs();
             let trailers: Vec<(&str, &str)> = copy
                 .trailers
                 .iter()
@@ -505,7 +560,7 @@ impl Drop for Shadow {
 pub struct CopyInProgress {
     /// Identifies the copy for the comparison.
     pub id: u64,
-    headers: Vec<(String, String)>,
+    headers: CopyHeaders,
     body: Vec<u8>,
 }
 

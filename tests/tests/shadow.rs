@@ -818,3 +818,43 @@ async fn the_copy_token_changes_with_the_policy() {
     );
     assert_no_wasm_failure(&envoy.log());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_header_that_is_not_utf8_skips_the_copy_and_utf8_text_is_copied_exactly() {
+    let s = start(json!({}), Behaviour::default(), 1).await;
+    // UTF-8 beyond ASCII: copied byte for byte.
+    let (status, _, _) = send(&s.envoy, "GET", "/a", &[("x-note", "café ☕")], Vec::new()).await;
+    assert_eq!(status, 200);
+    s.expect_shadow("sent", 1).await;
+    assert_eq!(s.shadow.wait_for(1, WAIT).await, 1);
+    assert_eq!(
+        s.shadow.requests()[0].header("x-note").as_deref(),
+        Some("café ☕")
+    );
+    // Latin-1 (obs-text, legal in HTTP/1 but not UTF-8): Envoy's HTTP call takes text
+    // only, so the copy is skipped and counted; the primary is untouched.
+    let latin1 = reqwest::header::HeaderValue::from_bytes(b"caf\xe9").expect("obs-text value");
+    let answer = s
+        .envoy
+        .client()
+        .get(s.envoy.url("/b"))
+        .header("x-note", latin1)
+        .send()
+        .await
+        .expect("request through envoy");
+    assert_eq!(answer.status().as_u16(), 200);
+    s.expect_shadow("skipped.non_utf8_header", 1).await;
+    let primary = s.stable.requests();
+    assert_eq!(
+        primary.last().map(|r| r
+            .headers
+            .iter()
+            .any(|(n, v)| n == "x-note" && v == b"caf\xe9")),
+        Some(true),
+        "the primary got the header as sent"
+    );
+    // Nothing more reached the shadow, and nothing was counted as sent.
+    assert_eq!(s.envoy.counter(&stat("sent")).await, 1);
+    assert_eq!(s.shadow.count(), 1);
+    assert_no_wasm_failure(&s.envoy.log());
+}
