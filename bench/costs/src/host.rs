@@ -21,10 +21,13 @@ pub const ALLOCATE_CALLBACK: &str = "(callback) proxy_on_memory_allocate";
 const OK: i32 = 0;
 const NOT_FOUND: i32 = 1;
 const BAD_ARGUMENT: i32 = 2;
+/// What Envoy answers a dequeue from an empty queue.
+const EMPTY: i32 = 7;
 
 /// The ABI's map types this harness serves.
 const REQUEST_HEADERS: i32 = 0;
 const RESPONSE_HEADERS: i32 = 2;
+const HTTP_CALL_RESPONSE_HEADERS: i32 = 6;
 /// The ABI's buffer type of the plugin configuration.
 const PLUGIN_CONFIGURATION: i32 = 7;
 
@@ -67,6 +70,15 @@ pub struct HostState {
     pub random_state: u64,
     /// Tokens handed out by `proxy_http_call`.
     pub http_calls: u32,
+    /// Messages on the shared queues, in order: queue id and message.
+    pub queued: Vec<(u32, Vec<u8>)>,
+    /// The `on_queue_ready` callbacks Envoy has posted and not yet delivered: one per
+    /// enqueue, whatever the queue holds when it runs (as Envoy does).
+    pub posted_wakeups: Vec<u32>,
+    /// HTTP calls sent and not yet answered, by token.
+    pub calls_in_flight: Vec<u32>,
+    /// Headers of the HTTP call response being delivered.
+    pub call_response_headers: Vec<(Vec<u8>, Vec<u8>)>,
     /// Fuel per function, when the module was instrumented ([`crate::profile`]).
     pub profile: Profile,
 }
@@ -90,6 +102,7 @@ impl HostState {
         match map_type {
             REQUEST_HEADERS => Some(&mut self.request_headers),
             RESPONSE_HEADERS => Some(&mut self.response_headers),
+            HTTP_CALL_RESPONSE_HEADERS => Some(&mut self.call_response_headers),
             _ => None,
         }
     }
@@ -468,18 +481,36 @@ fn define_proxy(linker: &mut Linker<HostState>) -> Result<(), Error> {
     linker.func_wrap(
         ENV,
         "proxy_enqueue_shared_queue",
-        |mut c: Ctx<'_>, _id: i32, _ptr: i32, _size: i32| -> i32 {
+        |mut c: Ctx<'_>, id: i32, ptr: i32, size: i32| -> Result<i32, Error> {
             c.data_mut().count("proxy_enqueue_shared_queue");
-            OK
+            let message = read(&c, ptr, size)?;
+            let state = c.data_mut();
+            if id < 0 || id as usize >= state.queues.len() {
+                return Ok(NOT_FOUND);
+            }
+            state.queued.push((id as u32, message));
+            state.posted_wakeups.push(id as u32);
+            Ok(OK)
         },
     )?;
     linker.func_wrap(
         ENV,
         "proxy_dequeue_shared_queue",
-        |mut c: Ctx<'_>, _id: i32, _ptr: i32, _size: i32| -> i32 {
+        |mut c: Ctx<'_>, id: i32, ret_ptr: i32, ret_size: i32| -> Result<i32, Error> {
             c.data_mut().count("proxy_dequeue_shared_queue");
-            // Empty.
-            NOT_FOUND
+            let state = c.data_mut();
+            let Some(index) = state.queued.iter().position(|(q, _)| *q as i32 == id) else {
+                return Ok(EMPTY);
+            };
+            let (_, message) = state.queued.remove(index);
+            if message.is_empty() {
+                // Envoy allocates nothing for an empty message: a null pointer, size 0.
+                write_u32(&mut c, ret_ptr, 0)?;
+                write_u32(&mut c, ret_size, 0)?;
+            } else {
+                give(&mut c, &message, ret_ptr, ret_size)?;
+            }
+            Ok(OK)
         },
     )?;
     linker.func_wrap(
@@ -501,6 +532,7 @@ fn define_proxy(linker: &mut Linker<HostState>) -> Result<(), Error> {
             state.count("proxy_http_call");
             state.http_calls += 1;
             let token = state.http_calls;
+            state.calls_in_flight.push(token);
             write_u32(&mut c, ret, token)?;
             Ok(OK)
         },

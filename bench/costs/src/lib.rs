@@ -131,12 +131,16 @@ pub struct RequestFuel {
     pub response: u64,
     /// `proxy_on_log`, `proxy_on_done` and `proxy_on_delete`.
     pub end: u64,
+    /// The root context's part of a shadow copy: `proxy_on_queue_ready` (the stream's
+    /// hand-over; the copy sent) and `proxy_on_http_call_response` (the shadow's answer).
+    /// Zero without mirroring.
+    pub copy: u64,
 }
 
 impl RequestFuel {
     /// The whole request.
     pub fn total(&self) -> u64 {
-        self.request + self.response + self.end
+        self.request + self.response + self.end + self.copy
     }
 }
 
@@ -232,11 +236,36 @@ impl Vm {
         self.call1("proxy_on_done", context)?;
         self.call0("proxy_on_delete", context)?;
         let ended = self.fuel()?;
+        self.deliver_copies()?;
+        let copied = self.fuel()?;
         Ok(RequestFuel {
             request: start - requested,
             response: requested - responded,
             end: responded - ended,
+            copy: ended - copied,
         })
+    }
+
+    /// What Envoy's event loop does next for a mirrored request: the `on_queue_ready`
+    /// callbacks posted by the stream's enqueues, on the root; then the shadow's answer
+    /// to every HTTP call the root sent (`200`, a 7-byte body), on the root too. (A
+    /// direct response ends the stream first, as here.)
+    fn deliver_copies(&mut self) -> Result<()> {
+        let wakeups = std::mem::take(&mut self.store.data_mut().posted_wakeups);
+        for queue in wakeups {
+            self.call0("proxy_on_queue_ready", (ROOT_CONTEXT, queue as i32))?;
+        }
+        let answered = std::mem::take(&mut self.store.data_mut().calls_in_flight);
+        for token in answered {
+            let state = self.store.data_mut();
+            state.call_response_headers = response_headers();
+            let headers = state.call_response_headers.len() as i32;
+            self.call0(
+                "proxy_on_http_call_response",
+                (ROOT_CONTEXT, token as i32, headers, 7, 0),
+            )?;
+        }
+        Ok(())
     }
 
     /// Envoy's timer: `proxy_on_tick` on the root context. Returns its fuel.
@@ -272,6 +301,8 @@ pub struct Cost {
     pub response_phase: f64,
     /// Mean fuel per request at the end of the stream.
     pub end_phase: f64,
+    /// Mean fuel per request in the root's part of its shadow copy (zero without mirroring).
+    pub copy_phase: f64,
     /// Host calls per request, by kind (including the callbacks into the allocator).
     pub host_calls: BTreeMap<String, f64>,
     /// Fuel of one `proxy_on_tick` after the requests (the metrics flush).
@@ -344,6 +375,7 @@ fn run(
         sum.request += fuel.request;
         sum.response += fuel.response;
         sum.end += fuel.end;
+        sum.copy += fuel.copy;
     }
     let profile = vm.host().profile.clone();
     let n = requests.len() as f64;
@@ -356,6 +388,7 @@ fn run(
     let tick = vm.tick()?;
     if let Some(policy) = policy {
         check_counted(policy, vm.host(), 2 * requests.len())?;
+        check_copied(policy, vm.host(), 2 * requests.len())?;
     }
     let cost = Cost {
         requests: requests.len(),
@@ -363,6 +396,7 @@ fn run(
         request_phase: sum.request as f64 / n,
         response_phase: sum.response as f64 / n,
         end_phase: sum.end as f64 / n,
+        copy_phase: sum.copy as f64 / n,
         host_calls,
         tick,
     };
@@ -401,6 +435,31 @@ fn check_decision(policy: &Policy, request: &Request, host: &HostState) -> Resul
             policy.variants[native.variant]
         ))),
     }
+}
+
+/// With mirroring, every request's copy must have been sent and its answer counted (the
+/// counters flushed by the tick): proof that the measured path includes the copy's.
+fn check_copied(policy: &Policy, host: &HostState, expected: usize) -> Result<()> {
+    if policy.mirror.is_none() {
+        return Ok(());
+    }
+    let count = |name: String| {
+        host.metrics
+            .iter()
+            .find(|m| m.name == name)
+            .map_or(0, |m| m.value)
+    };
+    let shadow = format!("meshcanary.{}.shadow", policy.name);
+    let (sent, answered) = (
+        count(format!("{shadow}.sent")),
+        count(format!("{shadow}.responses.2xx")),
+    );
+    if sent != expected as i64 || answered != expected as i64 {
+        return Err(CostError(format!(
+            "the module sent {sent} copies and counted {answered} 2xx answers; {expected} requests were sent"
+        )));
+    }
+    Ok(())
 }
 
 /// Every request must have reached the module's per-variant request counters (flushed by

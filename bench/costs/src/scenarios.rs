@@ -40,6 +40,13 @@ fn bench_rules() -> Value {
     ])
 }
 
+/// `policy` with every GET copied to a shadow cluster (the defaults: 100 % of GET, HEAD
+/// and OPTIONS requests, compared by status), as `make bench`'s row 4 mirrors.
+fn mirrored(mut policy: Value) -> Value {
+    policy["mirror"] = json!({"cluster": "shadow"});
+    policy
+}
+
 /// A request as Envoy hands wrk's request to the filter: pseudo-headers, the client's
 /// headers, then the two Envoy adds (`x-forwarded-proto`, `x-request-id`).
 fn request(path: &str, extra: &[(&str, String)]) -> Request {
@@ -131,6 +138,12 @@ pub fn all() -> Vec<Scenario> {
             id: "bench_mix",
             title: "bench policy, the `make bench` request mix",
             policy: bench_policy(),
+            requests: bench_mix(),
+        },
+        Scenario {
+            id: "mirror_bench_mix",
+            title: "bench policy + every GET mirrored (the copy handed over, sent and answered)",
+            policy: mirrored(bench_policy()),
             requests: bench_mix(),
         },
         Scenario {

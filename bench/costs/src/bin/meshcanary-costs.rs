@@ -168,15 +168,16 @@ fn run() -> Result<bool, String> {
         args.wasm.display(),
         std::fs::metadata(&args.wasm).map(|m| m.len()).unwrap_or(0)
     );
-    println!("| scenario | fuel / request | request · response · end | × bench mix | host calls / request | allocation callbacks |");
+    println!("| scenario | fuel / request | request · response · end · copy | × bench mix | host calls / request | allocation callbacks |");
     println!("|---|---|---|---|---|---|");
     let row = |title: &str, c: &Cost, ratio: String| {
         println!(
-            "| {title} | {:.0} | {:.0} · {:.0} · {:.0} | {ratio} | {:.2} | {:.2} |",
+            "| {title} | {:.0} | {:.0} · {:.0} · {:.0} · {:.0} | {ratio} | {:.2} | {:.2} |",
             c.fuel_per_request,
             c.request_phase,
             c.response_phase,
             c.end_phase,
+            c.copy_phase,
             c.host_calls_total(),
             c.host_calls
                 .get(meshcanary_costs::host::ALLOCATE_CALLBACK)
