@@ -319,29 +319,33 @@ fn activity_name(activity: Activity) -> &'static str {
 }
 
 /// Starts serving /metrics and /healthz on `listen` (metrics labelled by rollout when
-/// `per_rollout`) and watching for SIGTERM/SIGINT: the metrics, and the stop signal that
-/// turns true on either.
+/// `per_rollout`) and watching for SIGTERM/SIGINT: the metrics, the stop signal that
+/// turns true on either, and the address actually bound (port 0 asks the system for a
+/// free port; the `serve` event reports the one it gave).
 async fn start_serving(
     listen: SocketAddr,
     per_rollout: bool,
-) -> Result<(Arc<Metrics>, watch::Receiver<bool>), String> {
+) -> Result<(Arc<Metrics>, watch::Receiver<bool>, SocketAddr), String> {
     let metrics = Arc::new(Metrics::new(per_rollout));
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {}", listen, e))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| format!("cannot tell where {} listens: {}", listen, e))?;
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(http_server(listener, Arc::clone(&metrics), stop_rx.clone()));
     tokio::spawn(async move {
         crate::shutdown_signal().await;
         let _ = stop_tx.send(true);
     });
-    Ok((metrics, stop_rx))
+    Ok((metrics, stop_rx, bound))
 }
 
 /// Runs the controller until SIGTERM/SIGINT: a folder of specs, or one spec file.
 pub async fn serve(path: &Path, listen: SocketAddr, out: Output) -> Result<(), String> {
     let per_rollout = path.is_dir();
-    let (metrics, stop_rx) = start_serving(listen, per_rollout).await?;
+    let (metrics, stop_rx, listen) = start_serving(listen, per_rollout).await?;
     let hook_metrics = Arc::clone(&metrics);
     let hook: EventHook = Arc::new(move |rollout, kind, data| {
         hook_metrics.observe(rollout, kind, data);
@@ -393,7 +397,7 @@ pub async fn serve_kubernetes(
     use meshcanary_controller::sink::kubernetes::{prepare_tls, Options};
     use meshcanary_controller::sink::SinkError;
 
-    let (metrics, stop_rx) = start_serving(listen, true).await?;
+    let (metrics, stop_rx, listen) = start_serving(listen, true).await?;
     prepare_tls();
     let client = kube::Client::try_default().await.map_err(|e| {
         format!(

@@ -124,6 +124,18 @@ impl Controller {
         lock(&self.stderr).clone()
     }
 
+    /// Where a `serve` controller listens for /metrics and /healthz: the address its
+    /// `serve` event reports. Start it with `--listen 127.0.0.1:0` and the system picks a
+    /// free port that nothing else can take in between (as a port found free beforehand
+    /// could be). Panics with the transcript when no such event comes within `timeout`.
+    pub async fn serving_address(&self, timeout: Duration) -> String {
+        let event = self.wait_event("serve", timeout, |_| true).await;
+        match event.as_ref().and_then(|e| e.json["listen"].as_str()) {
+            Some(listen) => listen.to_string(),
+            None => panic!("no serve event with its address\n{}", self.transcript()),
+        }
+    }
+
     /// Waits for the first event of `kind` satisfying `pred`.
     pub async fn wait_event(
         &self,

@@ -582,12 +582,8 @@ async fn prometheus_as_the_source_promotes_a_healthy_canary_and_rolls_back_a_bro
 async fn serve_reports_metrics_and_starts_a_new_rollout_when_the_spec_changes() {
     let mut bench = Bench::start(Behaviour::default(), Behaviour::default(), |_, _| {}).await;
     bench.start_load(300);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
-    let mut serve = Controller::spawn(&["serve", &bench.spec_arg(), "--listen", &listen]);
+    let mut serve = Controller::spawn(&["serve", &bench.spec_arg(), "--listen", "127.0.0.1:0"]);
+    let listen = serve.serving_address(RUN_LIMIT).await;
     let done = serve.wait_event("finished", RUN_LIMIT, |_| true).await;
     assert!(done.is_some(), "{}", serve.transcript());
     let client = reqwest::Client::new();
@@ -1365,13 +1361,9 @@ async fn dry_run_reports_a_rollback_verdict_while_traffic_keeps_flowing_to_the_b
     .await;
     bench.start_load(300);
     // `serve DIR`: the folder's one spec, with /metrics.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
     let dir = bench.dir.path().display().to_string();
-    let mut serve = Controller::spawn(&["serve", &dir, "--listen", &listen]);
+    let mut serve = Controller::spawn(&["serve", &dir, "--listen", "127.0.0.1:0"]);
+    let listen = serve.serving_address(Duration::from_secs(20)).await;
     let would = serve
         .wait_event("would_rollback", Duration::from_secs(20), |_| true)
         .await

@@ -150,16 +150,14 @@ async fn wait_for(
     found.unwrap_or_else(|| panic!("no {kind} event for {key}\n{}", serve.transcript()))
 }
 
-fn free_listen() -> String {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    format!("127.0.0.1:{port}")
-}
-
-fn serve_dir(dir: &Path, listen: &str) -> Controller {
-    Controller::spawn(&["serve", &dir.display().to_string(), "--listen", listen])
+/// `serve DIR` on a port the system picks (`Controller::serving_address` tells which).
+fn serve_dir(dir: &Path) -> Controller {
+    Controller::spawn(&[
+        "serve",
+        &dir.display().to_string(),
+        "--listen",
+        "127.0.0.1:0",
+    ])
 }
 
 fn broken() -> Behaviour {
@@ -174,7 +172,7 @@ async fn detection_alone() -> Duration {
     let root = tempfile::tempdir().expect("temp dir");
     let mut rig = Rig::start(root.path(), "broken", broken(), |_| {}).await;
     rig.start_load();
-    let mut serve = serve_dir(&root.path().join("specs"), &free_listen());
+    let mut serve = serve_dir(&root.path().join("specs"));
     wait_for(&serve, &rig.key(), "finished", RUN_LIMIT, |e| {
         e["outcome_kind"] == "rolled_back"
     })
@@ -209,9 +207,9 @@ async fn one_serve_dir_promotes_rolls_back_and_aborts_at_once_beside_an_invalid_
     for rig in [&mut healthy, &mut broken, &mut held] {
         rig.start_load();
     }
-    let listen = free_listen();
     let started = Instant::now();
-    let mut serve = serve_dir(&specs, &listen);
+    let mut serve = serve_dir(&specs);
+    let listen = serve.serving_address(RUN_LIMIT).await;
 
     // The third is aborted mid-way, by the command an operator would type.
     wait_for(&serve, &held.key(), "applied", RUN_LIMIT, |e| {
@@ -392,7 +390,7 @@ async fn a_killed_serve_dir_resumes_every_rollout_at_its_step_with_its_evidence(
     first.start_load();
     second.start_load();
     let specs = root.path().join("specs");
-    let mut serve = serve_dir(&specs, &free_listen());
+    let mut serve = serve_dir(&specs);
     wait_for(&serve, &second.key(), "applied", RUN_LIMIT, |e| {
         e["weight"] == 50
     })
@@ -403,7 +401,7 @@ async fn a_killed_serve_dir_resumes_every_rollout_at_its_step_with_its_evidence(
     let before = [first.record(), second.record()];
     let killed_transcript = serve.transcript();
 
-    let mut restarted = serve_dir(&specs, &free_listen());
+    let mut restarted = serve_dir(&specs);
     for (rig, saved) in [&first, &second].into_iter().zip(&before) {
         let resumed = wait_for(
             &restarted,

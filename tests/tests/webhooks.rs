@@ -546,13 +546,8 @@ async fn a_hanging_gate_holds_only_its_own_rollout_and_a_stop_interrupts_it() {
         Rig::start_in(root.path(), "plain", Behaviour::default(), json!([]), None).await;
     gated.start_load(300);
     plain.start_load(300);
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("free port")
-        .port();
-    let listen = format!("127.0.0.1:{port}");
     let specs = root.path().join("specs").display().to_string();
-    let mut serve = Controller::spawn(&["serve", &specs, "--listen", &listen]);
+    let mut serve = Controller::spawn(&["serve", &specs, "--listen", "127.0.0.1:0"]);
 
     // The plain rollout goes through every step while the gate's call hangs.
     let done = serve
