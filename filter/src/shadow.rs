@@ -110,7 +110,6 @@ struct Pending {
 /// A copy's headers in one buffer: every name and value back to back in `text`, and
 /// where each ends. One allocation for them all instead of two per header, and one
 /// list of slices to hand to the HTTP call.
-#[derive(Default)]
 struct CopyHeaders {
     text: String,
     /// Per pair: where its name ends in `text`, and where its value ends.

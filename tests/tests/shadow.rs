@@ -86,6 +86,25 @@ impl Setup {
         }
     }
 
+    /// Shadow counters `names`, read once together they add up to at least `total`
+    /// (waiting, bounded, for the counts to reach Envoy; returned as last read either way).
+    async fn shadow_counts_adding_up<const N: usize>(
+        &self,
+        names: [&str; N],
+        total: u64,
+    ) -> [u64; N] {
+        let count = |stats: &std::collections::HashMap<String, u64>, name: &str| {
+            stats.get(&stat(name)).copied().unwrap_or(0)
+        };
+        let stats = self
+            .envoy
+            .wait_stats(WAIT, |stats| {
+                names.iter().map(|name| count(stats, name)).sum::<u64>() >= total
+            })
+            .await;
+        names.map(|name| count(&stats, name))
+    }
+
     /// Every non-zero shadow counter and the shadow upstream's request count.
     async fn shadow_report(&self) -> String {
         let prefix = stat("");
@@ -283,15 +302,9 @@ async fn a_slow_shadow_never_delays_the_primary() {
     assert!(total < Duration::from_secs(30), "total {total:?}");
     // Every request's copy is either sent or skipped at the limit; the roots dispatch the
     // copies and the counts reach Envoy later: wait until the two add up to every request.
-    let stats = s
-        .envoy
-        .wait_stats(WAIT, |stats| {
-            let count = |name: &str| stats.get(&stat(name)).copied().unwrap_or(0);
-            count("sent") + count("skipped.in_flight_limit") >= 500
-        })
+    let [sent, limited] = s
+        .shadow_counts_adding_up(["sent", "skipped.in_flight_limit"], 500)
         .await;
-    let count = |name: &str| stats.get(&stat(name)).copied().unwrap_or(0);
-    let (sent, limited) = (count("sent"), count("skipped.in_flight_limit"));
     assert!(
         sent > 0 && sent + limited == 500,
         "sent {sent} + limited {limited}"
@@ -407,15 +420,9 @@ async fn percent_50_copies_half_of_the_eligible_requests() {
     // Every request is either copied or sampled out; both counts reach Envoy later (the
     // copies are sent by the roots, the counts flushed every 100 ms): wait until they add
     // up to every request.
-    let stats = s
-        .envoy
-        .wait_stats(WAIT, |stats| {
-            let count = |name: &str| stats.get(&stat(name)).copied().unwrap_or(0);
-            count("sent") + count("skipped.sampled_out") >= 2000
-        })
+    let [sent, sampled_out] = s
+        .shadow_counts_adding_up(["sent", "skipped.sampled_out"], 2000)
         .await;
-    let count = |name: &str| stats.get(&stat(name)).copied().unwrap_or(0);
-    let (sent, sampled_out) = (count("sent"), count("skipped.sampled_out"));
     assert_eq!(
         sent + sampled_out,
         2000,

@@ -391,12 +391,7 @@ async fn run(plan: &Plan) -> Result<(), String> {
     if plan.mirroring {
         return report_mirroring(plan, &measured, started);
     }
-    let find = |id: &str| {
-        measured
-            .iter()
-            .find(|m| m.setup.id == id)
-            .ok_or_else(|| format!("configuration {id} missing"))
-    };
+    let find = |id: &str| configuration(&measured, id);
     let (native, empty) = (find("native")?, find("empty_wasm")?);
     let routed = find("meshcanary")?;
 
@@ -524,15 +519,8 @@ async fn run(plan: &Plan) -> Result<(), String> {
         "p99_slow_shadow_to_fast_shadow": p99_ratio("upstream_meshcanary_slow_shadow", "upstream_meshcanary_fast_shadow")?,
         "p99_native_mirror_to_native": p99_ratio("upstream_native_slow_mirror", "upstream_native_weighted")?,
     });
-    if plan.smoke {
-        println!(
-            "\nTargets (issue 12): not judged in smoke mode (durations too short to mean anything)"
-        );
-    } else {
-        println!("\nTargets (issue 12):");
-        for target in &targets {
-            println!("  {}", target.line());
-        }
+    print_targets(plan, "Targets (issue 12):", &targets);
+    if !plan.smoke {
         println!(
             "  context: by Envoy CPU per request, row 2 / row 3 = {:.3}; p99 with the slow shadow / \
              the fast one (row 4c / row 4d) = {:.3}; Envoy's own mirroring, p99 row 5c / row 5b = {:.3}",
@@ -590,6 +578,41 @@ async fn run(plan: &Plan) -> Result<(), String> {
     Ok(())
 }
 
+/// The configuration `id` among the measured ones.
+fn configuration<'a>(measured: &'a [Measured], id: &str) -> Result<&'a Measured, String> {
+    measured
+        .iter()
+        .find(|m| m.setup.id == id)
+        .ok_or_else(|| format!("configuration {id} missing"))
+}
+
+/// An error naming the first row with failed requests, if any.
+fn none_failed(measured: &[Measured]) -> Result<(), String> {
+    match measured.iter().find(|m| m.failed() > 0) {
+        Some(m) => Err(format!(
+            "row {}: {} requests failed",
+            m.setup.row,
+            m.failed()
+        )),
+        None => Ok(()),
+    }
+}
+
+/// The target verdicts under `heading`; in smoke mode only a line saying they are not
+/// judged.
+fn print_targets(plan: &Plan, heading: &str, targets: &[Target]) {
+    if plan.smoke {
+        println!(
+            "\nTargets (issue 12): not judged in smoke mode (durations too short to mean anything)"
+        );
+        return;
+    }
+    println!("\n{heading}");
+    for target in targets {
+        println!("  {}", target.line());
+    }
+}
+
 /// The rows `--mirroring` runs: meshcanary routing to a real upstream without and with
 /// mirroring to the slow shadow (4b, 4c), and Envoy's own routing and mirroring (5b, 5c).
 const MIRRORING_ROWS: [&str; 4] = [
@@ -603,12 +626,7 @@ const MIRRORING_ROWS: [&str; 4] = [
 /// shadow over without, meshcanary's mirroring (4c / 4b) against Envoy's own (5c / 5b)
 /// round by round; and primary p50 with the slow shadow over without (4c / 4b).
 fn mirroring_targets(measured: &[Measured]) -> Result<[Target; 2], String> {
-    let find = |id: &str| {
-        measured
-            .iter()
-            .find(|m| m.setup.id == id)
-            .ok_or_else(|| format!("configuration {id} missing"))
-    };
+    let find = |id: &str| configuration(measured, id);
     let [plain, mirrored, native_plain, native_mirrored] = MIRRORING_ROWS;
     let (plain, mirrored) = (find(plain)?, find(mirrored)?);
     let (native_plain, native_mirrored) = (find(native_plain)?, find(native_mirrored)?);
@@ -643,7 +661,7 @@ fn mirroring_targets(measured: &[Measured]) -> Result<[Target; 2], String> {
 }
 
 /// `--mirroring`'s report: the latency table, the two targets with the median's 95 %
-/// interval, every round's ratio, and the JSON record.
+/// interval, and the JSON record (every round's p99 per row).
 fn report_mirroring(plan: &Plan, measured: &[Measured], started: Instant) -> Result<(), String> {
     println!(
         "\nPrimary latency with a slow shadow, {} rounds; median (min–max) over the rounds; ratios are per round, then the median.\n",
@@ -651,16 +669,11 @@ fn report_mirroring(plan: &Plan, measured: &[Measured], started: Instant) -> Res
     );
     print!("{}", report::latency_table(measured));
     let targets = mirroring_targets(measured)?;
-    if plan.smoke {
-        println!(
-            "\nTargets (issue 12): not judged in smoke mode (durations too short to mean anything)"
-        );
-    } else {
-        println!("\nTargets (issue 12), judged by the median's 95 % interval over the rounds:");
-        for target in &targets {
-            println!("  {}", target.line());
-        }
-    }
+    print_targets(
+        plan,
+        "Targets (issue 12), judged by the median's 95 % interval over the rounds:",
+        &targets,
+    );
     let configurations: Vec<Value> = measured
         .iter()
         .map(|m| {
@@ -700,14 +713,7 @@ fn report_mirroring(plan: &Plan, measured: &[Measured], started: Instant) -> Res
         );
         return Ok(());
     }
-    match measured.iter().find(|m| m.failed() > 0) {
-        Some(m) => Err(format!(
-            "row {}: {} requests failed",
-            m.setup.row,
-            m.failed()
-        )),
-        None => Ok(()),
-    }
+    none_failed(measured)
 }
 
 /// `--compare`'s report: the table, and the JSON record.
@@ -741,14 +747,7 @@ fn report_comparison(plan: &Plan, measured: &[Measured]) -> Result<(), String> {
     });
     report::write_json(&plan.out, &record)?;
     println!("\nResults written to {}", plan.out.display());
-    match measured.iter().find(|m| m.failed() > 0) {
-        Some(m) => Err(format!(
-            "row {}: {} requests failed",
-            m.setup.row,
-            m.failed()
-        )),
-        None => Ok(()),
-    }
+    none_failed(measured)
 }
 
 /// A policy file for `--policies`, checked as the filter checks it: a row whose policy
